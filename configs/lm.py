@@ -1,0 +1,71 @@
+"""Decoder-only LM on the embedded synthetic task (or any `config.data.source`).
+
+Presets: `--config=configs/lm.py:tiny` (CPU, ~2 min), `:small` (one accelerator), `:base`.
+Every field can be overridden: `--config.model.num_layers=8 --config.data.source=tfds:lm1b`.
+"""
+import ml_collections
+
+
+def model_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      model_type="decoder",
+      vocab_size=0,            # 0: the data's vocabulary, rounded up to a multiple of 64
+      d_model=128, num_heads=4, head_dim=0, num_layers=4, d_ff=512,
+      activation="gelu", max_len=256, position="learned", position_offset=0,
+      norm="pre", final_norm=True, tie_embeddings=True, use_bias=True,
+      layer_norm_eps=1e-5, layer_norm_affine=True, embed_proj_dim=0,
+      dropout_rate=0.0, dtype="float32", scan_layers=False, remat=False,
+      skip=ml_collections.ConfigDict(dict(
+          router="none", dispatch="masked", target_density=1.0, granularity="layer",
+          gsize=64, capacity_factor=1.25, aux_weight=0.1, temperature=1.0)),
+  ))
+
+
+def data_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      source="synthetic:mixed_difficulty",
+      batch_size=32, seq_len=128,
+      tokenizer="byte", bpe_vocab_size=4096,
+      eval_source="", eval_fraction=0.05,
+      tfds_split="train", tfds_eval_split="validation", tfds_text_key="text", tfds_data_dir="",
+      max_records=0, synthetic_vocab_size=64,
+  ))
+
+
+def train_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      num_steps=400,
+      optimizer="adamw",        # adamw (warmup-cosine) | adafactor (LtS §3: constant then rsqrt)
+      learning_rate=3e-3, warmup_steps=40, weight_decay=0.01, b1=0.9, b2=0.95,
+      grad_clip=1.0, min_lr_ratio=0.1,
+      adafactor_decay=0.99,     # LtS §3: beta2 = 0.99, beta1 = 0
+      log_every_steps=20, eval_every_steps=100, eval_batches=4,
+      checkpoint_every_steps=100, keep_checkpoints=2,
+      progress_bar=True,
+  ))
+
+
+def get_config(arg=None) -> ml_collections.ConfigDict:
+  preset = arg or "tiny"
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.model = model_config()
+  config.data = data_config()
+  config.train = train_config()
+  config.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1), axes=("data", "model")))
+  if preset == "tiny":
+    pass
+  elif preset == "small":
+    config.model.update(d_model=512, num_heads=8, num_layers=8, d_ff=2048, max_len=1024, dtype="bfloat16")
+    config.data.update(batch_size=64, seq_len=512)
+    config.train.update(num_steps=20_000, learning_rate=1e-3, warmup_steps=1000,
+                        checkpoint_every_steps=1000, eval_every_steps=1000, log_every_steps=100)
+  elif preset == "base":
+    config.model.update(d_model=1536, num_heads=24, num_layers=12, d_ff=12288, max_len=1024,
+                        dtype="bfloat16", scan_layers=True, remat=True)
+    config.data.update(batch_size=256, seq_len=1024, source="tfds:lm1b", tokenizer="bpe", bpe_vocab_size=32768)
+    config.train.update(num_steps=100_000, optimizer="adafactor", learning_rate=0.1, warmup_steps=10_000,
+                        checkpoint_every_steps=2000, eval_every_steps=2000, log_every_steps=100)
+  else:
+    raise ValueError(f"unknown preset {preset!r} for configs/lm.py; known: tiny, small, base")
+  return config

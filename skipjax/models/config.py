@@ -1,0 +1,71 @@
+"""Typed, hashable model configuration built from the `config.model` ConfigDict."""
+import dataclasses
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class SkipConfig:
+  """SkipLayer routing (LtS §2); `router='none'` is the dense model."""
+  router: str = "none"            # gumbel | top1 | sigmoid | random | none
+  dispatch: str = "masked"        # masked | capacity | grouped
+  target_density: float = 1.0     # P
+  granularity: str = "layer"      # layer | block
+  gsize: int = 64
+  capacity_factor: float = 1.25
+  aux_weight: float = 0.1         # lambda
+  temperature: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Decoder-only LM built from the gated residual block (DESIGN.md)."""
+  vocab_size: int = 256
+  d_model: int = 128
+  num_heads: int = 4
+  head_dim: int = 0               # 0: d_model // num_heads
+  num_layers: int = 4
+  d_ff: int = 512
+  activation: str = "gelu"
+  max_len: int = 512
+  position: str = "learned"       # learned | sinusoidal | none
+  position_offset: int = 0        # OPT: 2
+  norm: str = "pre"               # pre | post
+  final_norm: bool = True
+  tie_embeddings: bool = True
+  use_bias: bool = True
+  layer_norm_eps: float = 1e-5
+  layer_norm_affine: bool = True
+  embed_proj_dim: int = 0         # OPT-350m word_embed_proj_dim (0: none)
+  dropout_rate: float = 0.0
+  dtype: str = "float32"          # activation dtype; params are always float32
+  scan_layers: bool = False
+  remat: bool = False
+  skip: SkipConfig = SkipConfig()
+
+  @property
+  def heads_dim(self) -> int:
+    return self.head_dim or self.d_model // self.num_heads
+
+  @property
+  def compute_dtype(self):
+    return DTYPES[self.dtype]
+
+  @classmethod
+  def from_dict(cls, cfg: Mapping[str, Any]) -> "TransformerConfig":
+    """From a ConfigDict / dict; unknown keys are an error naming the field."""
+    cfg = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+    cfg.pop("model_type", None)
+    skip = dict(cfg.pop("skip", {}) or {})
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in cfg:
+      if key not in known:
+        raise ValueError(f"config.model.{key} is not a model field; known: {sorted(known)}")
+    skip_known = {f.name for f in dataclasses.fields(SkipConfig)}
+    for key in skip:
+      if key not in skip_known:
+        raise ValueError(f"config.model.skip.{key} is not a skip field; known: {sorted(skip_known)}")
+    return cls(skip=SkipConfig(**skip), **cfg)

@@ -1,0 +1,95 @@
+"""Decoder-only Transformer LM: embeddings, N gated residual blocks, final norm, head."""
+from typing import Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from skipjax.layers import LearnedPositions, SinusoidalPositions, layer_norm, token_embedding
+from skipjax.models.block import Block
+from skipjax.models.config import TransformerConfig
+
+# Collections a block may write; scanned layers stack each of them along a leading layer axis.
+LAYER_COLLECTIONS = ("params", "cache", "stats", "gates", "aux_loss", "activations", "intermediates")
+_kernel_init = nn.initializers.normal(stddev=0.02)
+
+
+class _ScannedLayer(nn.Module):
+  """Adapter giving Block the (carry, xs) -> (carry, ys) signature of nn.scan."""
+  config: TransformerConfig
+  deterministic: bool
+  decode: bool
+
+  @nn.compact
+  def __call__(self, x, layer_index, positions, kv_valid, index):
+    block = Block(self.config, self.deterministic, name="block")
+    if self.decode:
+      return block.decode(x, index, layer_index), None
+    return block(x, positions, kv_valid, layer_index), None
+
+
+class Transformer(nn.Module):
+  """`apply({'params': p}, tokens[int32 B×T])` → logits [B, T, V] (float32)."""
+  config: TransformerConfig
+
+  def _positions(self, tokens, positions, decode: bool):
+    batch, length = tokens.shape
+    if not decode:
+      if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+      return positions, None
+    initialized = self.has_variable("cache", "index")
+    index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    start = index.value
+    if initialized:
+      index.value = start + length
+    if positions is None:
+      positions = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
+    return positions, start
+
+  def _blocks(self, x, positions, kv_valid, index, deterministic: bool, decode: bool):
+    cfg = self.config
+    if cfg.scan_layers:
+      layer = nn.remat(_ScannedLayer, prevent_cse=False) if cfg.remat else _ScannedLayer
+      scanned = nn.scan(
+          layer, variable_axes={c: 0 for c in LAYER_COLLECTIONS},
+          split_rngs={"params": True, "dropout": True, "gate": True},
+          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"})
+      layers = scanned(cfg, deterministic, decode, name="layers")
+      x, _ = layers(x, jnp.arange(cfg.num_layers), positions, kv_valid, index)
+      return x
+    block_cls = nn.remat(Block) if cfg.remat else Block
+    for i in range(cfg.num_layers):
+      block = block_cls(cfg, deterministic, name=f"block_{i}")
+      x = block.decode(x, index, i) if decode else block(x, positions, kv_valid, i)
+    return x
+
+  @nn.compact
+  def __call__(self, tokens: jnp.ndarray, positions: Optional[jnp.ndarray] = None,
+               attention_mask: Optional[jnp.ndarray] = None, *, deterministic: bool = True,
+               decode: bool = False) -> jnp.ndarray:
+    cfg = self.config
+    dtype = cfg.compute_dtype
+    embed = token_embedding(cfg.vocab_size, cfg.embed_proj_dim or cfg.d_model, dtype, name="embed")
+    x = embed(tokens)
+    if cfg.embed_proj_dim:
+      x = nn.Dense(cfg.d_model, use_bias=False, dtype=dtype, name="project_in",
+                   kernel_init=nn.with_logical_partitioning(_kernel_init, (None, "embed")))(x)
+    positions, index = self._positions(tokens, positions, decode)
+    if cfg.position == "learned":
+      x = x + LearnedPositions(cfg.max_len, cfg.d_model, cfg.position_offset, dtype, name="pos_embed")(positions)
+    elif cfg.position == "sinusoidal":
+      x = x + SinusoidalPositions(cfg.max_len, cfg.d_model, dtype)(positions)
+    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+    x = self._blocks(x, positions, attention_mask, index, deterministic, decode)
+    if cfg.final_norm:
+      x = layer_norm(cfg.layer_norm_eps, cfg.layer_norm_affine, dtype, name="ln_final")(x)
+    if cfg.embed_proj_dim:
+      x = nn.Dense(cfg.embed_proj_dim, use_bias=False, dtype=dtype, name="project_out",
+                   kernel_init=nn.with_logical_partitioning(_kernel_init, ("embed", None)))(x)
+    if cfg.tie_embeddings:
+      logits = embed.attend(x)
+    else:
+      logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype, name="lm_head",
+                        kernel_init=nn.with_logical_partitioning(_kernel_init, ("embed", "vocab")))(x)
+    return logits.astype(jnp.float32)

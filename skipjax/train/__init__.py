@@ -1,0 +1,1 @@
+"""Training: state, step, optimizers, sharding, checkpoints, metrics, loop."""

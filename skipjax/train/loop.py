@@ -1,0 +1,151 @@
+"""The training loop: config → data → model → sharded step → metrics / checkpoints / plots."""
+import functools
+import json
+import math
+import os
+import sys
+import time
+from typing import Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from skipjax import data as data_lib
+from skipjax import models, plots, validation
+from skipjax.train import checkpoint as checkpoint_lib
+from skipjax.train import metrics as metrics_lib
+from skipjax.train import optim, sharding, state as state_lib, step as step_lib
+
+VOCAB_MULTIPLE = 64
+
+
+def resolve_vocab(config: ml_collections.ConfigDict, data_vocab: int) -> None:
+  """`config.model.vocab_size=0` → the data's vocabulary rounded up to a multiple of 64."""
+  with config.unlocked():
+    if config.model.vocab_size == 0:
+      config.model.vocab_size = -(-data_vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+  if config.model.vocab_size < data_vocab:
+    raise ValueError(f"config.model.vocab_size={config.model.vocab_size} is smaller than the data's "
+                     f"vocabulary ({data_vocab} tokens from config.data.source={config.data.source!r})")
+
+
+def device_batch(batch: Dict[str, np.ndarray], batch_sharding) -> Dict[str, jax.Array]:
+  """Global host batch → sharded arrays; each process contributes its slice of rows."""
+  if jax.process_count() == 1:
+    return jax.device_put(batch, batch_sharding)
+  rows = next(iter(batch.values())).shape[0] // jax.process_count()
+  lo = jax.process_index() * rows
+  return {k: jax.make_array_from_process_local_data(batch_sharding, v[lo:lo + rows]) for k, v in batch.items()}
+
+
+def _check_finite(step: int, metrics: Dict[str, jax.Array], ckpt: checkpoint_lib.Checkpointer) -> None:
+  loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+  if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+    raise FloatingPointError(
+        f"non-finite training loss at step {step} (loss={loss}, grad_norm={grad_norm}); stopped. "
+        f"The last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
+
+
+def evaluate(eval_fn, params, eval_ds, num_batches: int, batch_sharding) -> Dict[str, float]:
+  """Held-out perplexity (and per-difficulty-class loss when the data has classes)."""
+  totals: Dict[str, np.ndarray] = {}
+  n = min(num_batches, eval_ds.num_batches) if eval_ds.num_batches else num_batches
+  for i in range(n):
+    batch = {k: v for k, v in eval_ds.batch(i).items() if k in ("inputs", "targets", "difficulty")}
+    out = jax.device_get(eval_fn(params, device_batch(batch, batch_sharding)))
+    for k, v in out.items():
+      totals[k] = totals.get(k, 0.0) + np.asarray(v, np.float64)
+  loss = float(totals["nll_sum"] / totals["count"])
+  result = {"eval_loss": loss, "eval_perplexity": float(np.exp(min(loss, 50.0)))}
+  if "class_nll_sum" in totals:
+    for c, name in enumerate(data_lib.DIFFICULTY_CLASSES):
+      if totals["class_count"][c] > 0:
+        result[f"eval_loss_{name}"] = float(totals["class_nll_sum"][c] / totals["class_count"][c])
+  return result
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
+  """Train `config` in `workdir`, resuming from its latest checkpoint if there is one."""
+  validation.validate(config, jax.device_count())
+  os.makedirs(workdir, exist_ok=True)
+  train_ds = data_lib.get_dataset(config.data, split="train", seed=config.seed, workdir=workdir)
+  eval_ds = data_lib.get_dataset(config.data, split="eval", seed=config.seed, workdir=workdir)
+  resolve_vocab(config, train_ds.vocab_size)
+  validation.validate_mesh(config, jax.device_count())
+  is_main = jax.process_index() == 0
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json(indent=2))
+
+  mesh = sharding.make_mesh(config.mesh)
+  model = models.build(config.model)
+  tx, schedule = optim.make_optimizer(config.train)
+  init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
+  example = jnp.zeros((1, config.data.seq_len), jnp.int32)
+  state, state_shardings = state_lib.create_train_state(model, tx, init_rng, example, mesh)
+
+  ckpt = checkpoint_lib.Checkpointer(workdir, config.train.checkpoint_every_steps, config.train.keep_checkpoints)
+  resume_step = ckpt.latest_step()
+  if resume_step is not None:
+    state = ckpt.restore(state_lib.abstract_like(state, state_shardings), resume_step)
+    logging.info("resumed from checkpoint step %d in %s", resume_step, ckpt.directory)
+  writer = metrics_lib.MetricWriter(workdir, resume_step=resume_step, tensorboard=is_main)
+
+  batch_sharding = sharding.batch_sharding(mesh)
+  replicated = sharding.replicated(mesh)
+  p_train = jax.jit(functools.partial(step_lib.train_step, model=model, tx=tx),
+                    in_shardings=(state_shardings, batch_sharding, replicated),
+                    out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+  p_eval = jax.jit(functools.partial(step_lib.eval_step, model=model, num_classes=len(data_lib.DIFFICULTY_CLASSES)),
+                   in_shardings=(state_shardings.params, batch_sharding), out_shardings=replicated)
+
+  cfg = config.train
+  start = int(jax.device_get(state.step))
+  tokens_per_step = config.data.batch_size * config.data.seq_len
+  bar = tqdm(total=cfg.num_steps, initial=start, disable=not (cfg.progress_bar and sys.stderr.isatty()),
+             desc="train", unit="step")
+  pending = None
+  last: Dict[str, float] = {}
+  t0, t0_step = time.time(), start
+  for i in range(start, cfg.num_steps):
+    step = i + 1
+    batch = {k: v for k, v in train_ds.batch(i).items() if k in ("inputs", "targets")}
+    state, metrics = p_train(state, device_batch(batch, batch_sharding), train_rng)
+    if pending is not None:  # checked one step late so the host never stalls the device
+      _check_finite(*pending, ckpt)
+    pending = (step, metrics)
+    bar.update(1)
+    do_log = step % cfg.log_every_steps == 0 or step == cfg.num_steps
+    do_eval = step % cfg.eval_every_steps == 0 or step == cfg.num_steps
+    do_save = ckpt.should_save(step) or step == cfg.num_steps
+    if not (do_log or do_eval or do_save):
+      continue
+    _check_finite(*pending, ckpt)
+    pending = None
+    record = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if do_log:
+      elapsed = time.time() - t0
+      record["learning_rate"] = float(schedule(i))
+      record["steps_per_sec"] = (step - t0_step) / max(elapsed, 1e-9)
+      record["tokens_per_sec"] = record["steps_per_sec"] * tokens_per_step
+      t0, t0_step = time.time(), step
+    if do_eval:
+      record.update(evaluate(p_eval, state.params, eval_ds, cfg.eval_batches, batch_sharding))
+    if do_log or do_eval:
+      last = record
+      if is_main:
+        writer.write(step, record)
+      bar.set_postfix(loss=f"{record['loss']:.3f}")
+      logging.info("step %d: %s", step, json.dumps({k: round(v, 4) for k, v in record.items()}))
+    if do_save:
+      ckpt.save(step, state, force=step == cfg.num_steps)
+  bar.close()
+  ckpt.close()
+  writer.close()
+  if is_main:
+    plots.loss_curve(metrics_lib.read_metrics(workdir), os.path.join(workdir, "plots", "loss.png"))
+  return last

@@ -1,0 +1,47 @@
+"""Optimizers and learning-rate schedules."""
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+
+def warmup_cosine(cfg: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warmup to `learning_rate`, cosine decay to `min_lr_ratio·learning_rate`."""
+  return optax.warmup_cosine_decay_schedule(
+      0.0, cfg.learning_rate, max(cfg.warmup_steps, 1), max(cfg.num_steps, cfg.warmup_steps + 1),
+      end_value=cfg.learning_rate * cfg.min_lr_ratio)
+
+
+def constant_then_rsqrt(cfg: ml_collections.ConfigDict) -> optax.Schedule:
+  """LtS §3: lr constant for the first `warmup_steps`, then lr·sqrt(warmup/step)."""
+  warm = max(cfg.warmup_steps, 1)
+  return lambda step: cfg.learning_rate * jnp.sqrt(warm / jnp.maximum(step + 1.0, warm))
+
+
+def adafactor(schedule: optax.Schedule, decay: float) -> optax.GradientTransformation:
+  """Adafactor with β1 = 0 and a *constant* second-moment decay β2 (LtS §3 uses 0.99).
+
+  optax.adafactor's decay is the step-dependent 1 - t^-0.8, so the chain is spelled out with
+  a constant `decay_rate_fn`; the remaining steps follow Shazeer & Stern 2018 (update clipping
+  at block RMS 1, relative step size scaled by the parameter RMS).
+  """
+  return optax.chain(
+      optax.scale_by_factored_rms(decay_rate=decay, decay_rate_fn=lambda step, rate: rate),
+      optax.clip_by_block_rms(1.0),
+      optax.scale_by_learning_rate(schedule, flip_sign=False),
+      optax.scale_by_param_block_rms(),
+      optax.scale(-1.0))
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict):
+  """`config.train` → (GradientTransformation, schedule)."""
+  if cfg.optimizer == "adamw":
+    schedule = warmup_cosine(cfg)
+    tx = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
+  elif cfg.optimizer == "adafactor":
+    schedule = constant_then_rsqrt(cfg)
+    tx = adafactor(schedule, cfg.adafactor_decay)
+  else:
+    raise ValueError(f"config.train.optimizer={cfg.optimizer!r} is not one of adamw, adafactor")
+  if cfg.grad_clip:
+    tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx)
+  return tx, schedule

@@ -1,0 +1,58 @@
+"""Loss, train step and eval step (pure functions; jitted with shardings by the loop)."""
+from typing import Any, Dict, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from skipjax.train.state import TrainState
+
+Batch = Dict[str, jnp.ndarray]
+
+
+def token_nll(logits: jnp.ndarray, targets: jnp.ndarray) -> jnp.ndarray:
+  """−log p(target) per token, [B, T], in float32."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+
+
+def sum_aux_losses(variables: Dict[str, Any]) -> jnp.ndarray:
+  """Σ of every sown (already weighted) auxiliary loss, e.g. LtS capacity loss λ·ℓ_aux."""
+  leaves = jax.tree.leaves(variables.get("aux_loss", {}))
+  return sum((jnp.sum(x) for x in leaves), jnp.zeros((), jnp.float32))
+
+
+def step_rngs(rng: jax.Array, step: jnp.ndarray) -> Dict[str, jax.Array]:
+  """Per-step randomness is a pure function of (seed, step): resumption replays it exactly."""
+  dropout, gate = jax.random.split(jax.random.fold_in(rng, step))
+  return {"dropout": dropout, "gate": gate}
+
+
+def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, model: nn.Module,
+               tx: optax.GradientTransformation) -> Tuple[TrainState, Dict[str, jnp.ndarray]]:
+  """loss = mean NLL + Σ sown aux losses; one optimizer update."""
+
+  def loss_fn(params):
+    logits, variables = model.apply(
+        {"params": params}, batch["inputs"], deterministic=False,
+        rngs=step_rngs(rng, state.step), mutable=["aux_loss", "gates"])
+    nll = jnp.mean(token_nll(logits, batch["targets"]))
+    aux = sum_aux_losses(variables)
+    return nll + aux, (nll, aux)
+
+  (loss, (nll, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {"loss": loss, "nll": nll, "aux_loss": aux, "grad_norm": optax.tree.norm(grads)}
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params: Any, batch: Batch, *, model: nn.Module, num_classes: int = 0) -> Dict[str, jnp.ndarray]:
+  """Summed NLL and token counts (overall and per difficulty class when the batch has one)."""
+  nll = token_nll(model.apply({"params": params}, batch["inputs"]), batch["targets"])
+  out = {"nll_sum": jnp.sum(nll), "count": jnp.asarray(nll.size, jnp.float32)}
+  if num_classes and "difficulty" in batch:
+    onehot = jax.nn.one_hot(batch["difficulty"], num_classes, dtype=jnp.float32)
+    out["class_nll_sum"] = jnp.einsum("bt,btc->c", nll, onehot)
+    out["class_count"] = jnp.sum(onehot, axis=(0, 1))
+  return out

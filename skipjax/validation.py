@@ -1,0 +1,82 @@
+"""Up-front config validation: one-line errors that name the offending field."""
+import numpy as np
+
+from skipjax.layers.mlp import ACTIVATIONS
+from skipjax.models.config import DTYPES
+from skipjax.train.sharding import mesh_shape
+
+ROUTERS = ("gumbel", "top1", "sigmoid", "random", "none")
+DISPATCHES = ("masked", "capacity", "grouped")
+SOURCES = ("synthetic:", "text:", "tfds:")
+
+
+def _require(ok: bool, message: str) -> None:
+  if not ok:
+    raise ValueError(message)
+
+
+def _one_of(field: str, value, allowed) -> None:
+  _require(value in allowed, f"config.{field}={value!r} is not one of {list(allowed)}")
+
+
+def validate_model(m) -> None:
+  _require(m.num_layers >= 1, f"config.model.num_layers={m.num_layers} must be >= 1")
+  _require(m.num_heads >= 1, f"config.model.num_heads={m.num_heads} must be >= 1")
+  _require(bool(m.head_dim) or m.d_model % m.num_heads == 0,
+           f"config.model.num_heads={m.num_heads} does not divide d_model={m.d_model}")
+  _require(m.d_ff >= 1, f"config.model.d_ff={m.d_ff} must be >= 1")
+  _one_of("model.activation", m.activation, sorted(ACTIVATIONS))
+  _one_of("model.norm", m.norm, ("pre", "post"))
+  _one_of("model.position", m.position, ("learned", "sinusoidal", "none"))
+  _one_of("model.dtype", m.dtype, sorted(DTYPES))
+  _require(0.0 <= m.dropout_rate < 1.0, f"config.model.dropout_rate={m.dropout_rate} must be in [0, 1)")
+  s = m.skip
+  _one_of("model.skip.router", s.router, ROUTERS)
+  _one_of("model.skip.dispatch", s.dispatch, DISPATCHES)
+  _one_of("model.skip.granularity", s.granularity, ("layer", "block"))
+  _require(0.0 < s.target_density <= 1.0,
+           f"config.model.skip.target_density={s.target_density} must be in (0, 1]")
+  _require(s.gsize >= 1, f"config.model.skip.gsize={s.gsize} must be >= 1")
+  _require(s.capacity_factor > 0, f"config.model.skip.capacity_factor={s.capacity_factor} must be > 0")
+  _require(s.temperature > 0, f"config.model.skip.temperature={s.temperature} must be > 0")
+
+
+def validate_data(d, model) -> None:
+  _require(isinstance(d.source, str) and d.source.startswith(SOURCES),
+           f"config.data.source={d.source!r} must start with synthetic:, text: or tfds:")
+  _require(d.batch_size >= 1, f"config.data.batch_size={d.batch_size} must be >= 1")
+  _require(d.seq_len >= 1, f"config.data.seq_len={d.seq_len} must be >= 1")
+  _require(d.seq_len <= model.max_len,
+           f"config.data.seq_len={d.seq_len} exceeds config.model.max_len={model.max_len}")
+  _one_of("data.tokenizer", d.tokenizer, ("byte", "bpe"))
+
+
+def validate_train(t) -> None:
+  _one_of("train.optimizer", t.optimizer, ("adamw", "adafactor"))
+  for field in ("num_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+    _require(t[field] >= 1, f"config.train.{field}={t[field]} must be >= 1")
+  _require(t.learning_rate > 0, f"config.train.learning_rate={t.learning_rate} must be > 0")
+
+
+def validate_mesh(config, num_devices: int) -> None:
+  axes = tuple(config.mesh.axes)
+  _require(axes == ("data", "model"), f"config.mesh.axes={axes} must be ('data', 'model')")
+  shape = mesh_shape(config.mesh.shape, num_devices)
+  _require(len(shape) == 2 and all(s >= 1 for s in shape) and int(np.prod(shape)) == num_devices,
+           f"config.mesh.shape={tuple(config.mesh.shape)} does not fit the {num_devices} available devices")
+  data, model = shape
+  _require(config.data.batch_size % data == 0,
+           f"config.data.batch_size={config.data.batch_size} is not divisible by the mesh data axis ({data})")
+  m = config.model
+  _require(m.num_heads % model == 0, f"config.model.num_heads={m.num_heads} is not divisible by the mesh model axis ({model})")
+  _require(m.d_ff % model == 0, f"config.model.d_ff={m.d_ff} is not divisible by the mesh model axis ({model})")
+  _require(m.vocab_size % model == 0,
+           f"config.model.vocab_size={m.vocab_size} is not divisible by the mesh model axis ({model})")
+
+
+def validate(config, num_devices: int) -> None:
+  """Raise ValueError naming the first invalid field of a `configs/lm.py`-style config."""
+  validate_model(config.model)
+  validate_data(config.data, config.model)
+  validate_train(config.train)
+  validate_mesh(config, num_devices)

@@ -14,9 +14,14 @@ _kernel_init = nn.initializers.normal(stddev=0.02)
 
 
 def causal_mask(q_positions: jnp.ndarray, kv_positions: jnp.ndarray,
-                kv_valid: Optional[jnp.ndarray] = None) -> jnp.ndarray:
-  """[B, 1, Tq, Tk] boolean: key j is visible to query i iff pos(j) <= pos(i) (and j is valid)."""
+                kv_valid: Optional[jnp.ndarray] = None, causal: bool = True) -> jnp.ndarray:
+  """[B, 1, Tq, Tk] boolean: key j is visible to query i iff pos(j) <= pos(i) (and j is valid).
+
+  With `causal=False` (encoders: BERT, ViT) only validity applies.
+  """
   mask = kv_positions[:, None, :] <= q_positions[:, :, None]
+  if not causal:
+    mask = jnp.ones_like(mask)
   if kv_valid is not None:
     mask = mask & kv_valid[:, None, :].astype(bool)
   return mask[:, None]
@@ -38,6 +43,7 @@ class MultiHeadAttention(nn.Module):
   head_dim: int
   use_bias: bool = True
   dtype: jnp.dtype = jnp.float32
+  causal: bool = True
 
   def setup(self):
     proj = lambda name: nn.DenseGeneral(
@@ -55,7 +61,7 @@ class MultiHeadAttention(nn.Module):
 
   def attend(self, x_q, q_positions, k, v, kv_positions, kv_valid=None) -> jnp.ndarray:
     """Queries from `x_q` [B,Tq,d] at `q_positions` [B,Tq] attend to k/v at `kv_positions`."""
-    mask = causal_mask(q_positions, kv_positions, kv_valid)
+    mask = causal_mask(q_positions, kv_positions, kv_valid, self.causal)
     return self.out(dot_product_attention(self.query(x_q), k, v, mask))
 
   def __call__(self, x, positions, kv_valid=None, query_index=None) -> jnp.ndarray:

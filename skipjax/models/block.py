@@ -28,7 +28,7 @@ class Block(nn.Module):
     dtype = cfg.compute_dtype
     self.ln_attn = layer_norm(cfg.layer_norm_eps, cfg.layer_norm_affine, dtype)
     self.ln_ffn = layer_norm(cfg.layer_norm_eps, cfg.layer_norm_affine, dtype)
-    self.attn = MultiHeadAttention(cfg.d_model, cfg.num_heads, cfg.heads_dim, cfg.use_bias, dtype)
+    self.attn = MultiHeadAttention(cfg.d_model, cfg.num_heads, cfg.heads_dim, cfg.use_bias, dtype, cfg.causal)
     self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.activation, cfg.use_bias, dtype)
     self.dropout = nn.Dropout(cfg.dropout_rate)
 

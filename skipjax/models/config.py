@@ -40,6 +40,7 @@ class TransformerConfig:
   layer_norm_eps: float = 1e-5
   layer_norm_affine: bool = True
   embed_proj_dim: int = 0         # OPT-350m word_embed_proj_dim (0: none)
+  causal: bool = True             # False: bidirectional encoder (BERT, ViT)
   dropout_rate: float = 0.0
   dtype: str = "float32"          # activation dtype; params are always float32
   scan_layers: bool = False

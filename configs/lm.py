@@ -5,6 +5,8 @@ Every field can be overridden: `--config.model.num_layers=8 --config.data.source
 """
 import ml_collections
 
+from skipjax import data
+
 
 def model_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
@@ -22,14 +24,7 @@ def model_config() -> ml_collections.ConfigDict:
 
 
 def data_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      source="synthetic:mixed_difficulty",
-      batch_size=32, seq_len=128,
-      tokenizer="byte", bpe_vocab_size=4096,
-      eval_source="", eval_fraction=0.05,
-      tfds_split="train", tfds_eval_split="validation", tfds_text_key="text", tfds_data_dir="",
-      max_records=0, synthetic_vocab_size=64,
-  ))
+  return data.default_config()  # source, batch_size, seq_len, tokenizer, ... (skipjax/data)
 
 
 def train_config() -> ml_collections.ConfigDict:

@@ -26,3 +26,62 @@ def loss_curve(records: Sequence[dict], path: str) -> str:
   fig.savefig(path, dpi=120)
   plt.close(fig)
   return path
+
+
+# ----------------------------------------------------------- residual ratio profiling (RR §4)
+def _save(fig, path: str) -> str:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def ratio_distributions(ratios_by_model: dict, path: str) -> str:
+  """RR Fig. 4: one violin of per-token residual ratios (all blocks) per model, median marked.
+
+  `ratios_by_model`: {name: 1-D array of ratios (already masked)}.
+  """
+  names = list(ratios_by_model)
+  fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(names), 4))
+  data = [ratios_by_model[n] for n in names]
+  ax.violinplot(data, showmedians=True, showextrema=False)
+  ax.set_xticks(range(1, len(names) + 1), names)
+  ax.set_ylabel("residual ratio ‖R(x)‖/‖x‖")
+  ax.grid(alpha=0.3, axis="y")
+  return _save(fig, path)
+
+
+def per_block_ratios(mean, std, depth_histogram, threshold: float, path: str) -> str:
+  """RR Fig. 5/8: per-block mean ± std ratio (ATT/FFN interleaved) and dynamic-depth histogram.
+
+  `mean`, `std`: [L, 2]; `depth_histogram`: counts of tokens per number of kept blocks.
+  """
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  mean, std = np.asarray(mean), np.asarray(std)
+  fig, (ax, hx) = plt.subplots(1, 2, figsize=(11, 4))
+  layers = np.arange(mean.shape[0])
+  for b, (name, color) in enumerate((("ATT", "tab:blue"), ("FFN", "tab:orange"))):
+    ax.plot(layers, mean[:, b], color=color, label=name)
+    ax.fill_between(layers, mean[:, b] - std[:, b], mean[:, b] + std[:, b], color=color, alpha=0.25)
+  ax.axhline(threshold, color="gray", ls="--", lw=1, label=f"threshold {threshold:g}")
+  ax.set_xlabel("layer")
+  ax.set_ylabel("residual ratio")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  hx.bar(np.arange(len(depth_histogram)), depth_histogram, color="tab:green")
+  hx.set_xlabel(f"blocks kept per token (of {len(depth_histogram) - 1})")
+  hx.set_ylabel("tokens")
+  hx.grid(alpha=0.3, axis="y")
+  return _save(fig, path)
+
+
+def routing_trace(trace, path: str, threshold: float = None) -> str:
+  """RR Fig. 6: kept (dark) / skipped (light) blocks × tokens, ATT and FFN interleaved."""
+  fig, ax = plt.subplots(figsize=(min(16, 2 + 0.06 * trace.shape[1]), 4))
+  ax.imshow(trace, aspect="auto", cmap="Greys", interpolation="nearest", vmin=0, vmax=1)
+  ax.set_xlabel("token")
+  ax.set_ylabel("block (ATT₀, FFN₀, ATT₁, …)")
+  if threshold is not None:
+    ax.set_title(f"oracle routing, skip when ratio < {threshold:g}")
+  return _save(fig, path)

@@ -1,0 +1,136 @@
+"""Tensor-by-tensor reading of HF checkpoint folders: safetensors first, PyTorch `.bin` last.
+
+Layouts understood, in order of preference:
+  model.safetensors.index.json + shards | model.safetensors | *.safetensors
+  pytorch_model.bin.index.json + shards | pytorch_model.bin   (torch.load(weights_only=True))
+Each tensor is read only when asked for, so a large checkpoint never needs a full host copy.
+The package never imports torch at module level; the `.bin` branch imports it lazily.
+"""
+import json
+import os
+from typing import Callable, Dict, Iterator, List, Tuple
+
+import ml_dtypes
+import numpy as np
+from safetensors import safe_open
+
+# safetensors dtypes numpy cannot hold natively → read from the raw bytes with ml_dtypes.
+_RAW_DTYPES = {
+    "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn,
+    "F8_E5M2": ml_dtypes.float8_e5m2,
+}
+
+
+class ConversionError(ValueError):
+  """A checkpoint that does not fit the model; the message names the tensor and the file."""
+
+
+class TensorInfo:
+  """Shape of one stored tensor and a loader that returns it as a numpy array."""
+
+  def __init__(self, name: str, file: str, shape: Tuple[int, ...], read: Callable[[], np.ndarray]):
+    self.name, self.file, self.shape, self._read = name, file, tuple(shape), read
+
+  def read(self) -> np.ndarray:
+    return self._read()
+
+
+def _safetensors_header(path: str) -> Tuple[int, dict]:
+  """The file's JSON header and the byte offset where tensor data starts (safetensors format)."""
+  with open(path, "rb") as f:
+    size = int.from_bytes(f.read(8), "little")
+    return 8 + size, json.loads(f.read(size))
+
+
+def _read_raw(path: str, start: int, entry: dict) -> np.ndarray:
+  """A tensor numpy cannot load through safetensors (bf16, fp8), memory-mapped from its bytes."""
+  begin, end = entry["data_offsets"]
+  dtype = np.dtype(_RAW_DTYPES[entry["dtype"]])
+  data = np.memmap(path, dtype=np.uint8, mode="r", offset=start + begin, shape=(end - begin,))
+  return np.asarray(data.view(dtype).reshape(entry["shape"]))
+
+
+def _safetensors_tensors(path: str) -> Iterator[TensorInfo]:
+  with safe_open(path, framework="numpy") as f:
+    entries = [(name, f.get_slice(name).get_shape(), f.get_slice(name).get_dtype()) for name in f.keys()]
+
+  raw = None
+  if any(dtype in _RAW_DTYPES for _, _, dtype in entries):
+    raw = _safetensors_header(path)
+
+  def reader(name: str, dtype: str) -> Callable[[], np.ndarray]:
+    if dtype in _RAW_DTYPES:
+      return lambda: _read_raw(path, raw[0], raw[1][name])
+
+    def read() -> np.ndarray:
+      with safe_open(path, framework="numpy") as f:
+        return f.get_tensor(name)
+    return read
+
+  for name, shape, dtype in entries:
+    yield TensorInfo(name, os.path.basename(path), shape, reader(name, dtype))
+
+
+def _torch_tensors(path: str) -> Iterator[TensorInfo]:
+  """PyTorch pickles, only through `torch.load(weights_only=True)` (DESIGN.md)."""
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ConversionError(f"{path} is a PyTorch .bin checkpoint and needs torch to read; "
+                          "install torch or convert it to safetensors") from e
+  try:
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+  except RuntimeError:  # legacy (non-zip) pickles cannot be memory-mapped
+    state = torch.load(path, map_location="cpu", weights_only=True)
+
+  def reader(tensor) -> Callable[[], np.ndarray]:
+    def read() -> np.ndarray:
+      if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+      return tensor.numpy()
+    return read
+
+  for name, tensor in state.items():
+    yield TensorInfo(name, os.path.basename(path), tuple(tensor.shape), reader(tensor))
+
+
+def _shards(directory: str, index_name: str) -> List[str]:
+  with open(os.path.join(directory, index_name)) as f:
+    weight_map = json.load(f)["weight_map"]
+  files = sorted(set(weight_map.values()))
+  for file in files:
+    if not os.path.exists(os.path.join(directory, file)):
+      tensor = next(k for k, v in weight_map.items() if v == file)
+      raise ConversionError(f"missing shard {file} (holds tensor {tensor!r}) listed in {index_name} in {directory}")
+  return [os.path.join(directory, f) for f in files]
+
+
+def checkpoint_files(directory: str) -> Tuple[str, List[str]]:
+  """('safetensors' | 'torch', files) for an HF checkpoint folder."""
+  names = set(os.listdir(directory))
+  if "model.safetensors.index.json" in names:
+    return "safetensors", _shards(directory, "model.safetensors.index.json")
+  if "model.safetensors" in names:
+    return "safetensors", [os.path.join(directory, "model.safetensors")]
+  found = sorted(n for n in names if n.endswith(".safetensors"))
+  if found:
+    return "safetensors", [os.path.join(directory, n) for n in found]
+  if "pytorch_model.bin.index.json" in names:
+    return "torch", _shards(directory, "pytorch_model.bin.index.json")
+  if "pytorch_model.bin" in names:
+    return "torch", [os.path.join(directory, "pytorch_model.bin")]
+  raise ConversionError(f"no model.safetensors, *.safetensors or pytorch_model.bin in {directory}")
+
+
+def list_tensors(directory: str) -> Dict[str, TensorInfo]:
+  """Every stored tensor by name (data not read yet); a name stored twice is an error."""
+  kind, files = checkpoint_files(directory)
+  read_file = _safetensors_tensors if kind == "safetensors" else _torch_tensors
+  tensors: Dict[str, TensorInfo] = {}
+  for path in files:
+    for info in read_file(path):
+      if info.name in tensors:
+        raise ConversionError(f"tensor {info.name!r} is stored twice: in {tensors[info.name].file} and {info.file}")
+      tensors[info.name] = info
+  return tensors

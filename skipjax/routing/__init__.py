@@ -1,0 +1,12 @@
+"""Routing: gates/routers, dispatch (masked | capacity | grouped), capacity loss.
+
+Pure functions on arrays (plus the tiny `Router` linen module); no model knowledge.
+"""
+from skipjax.routing.capacity import (capacity_loss, effective_depth, flops_per_token,
+                                      layer_flops_per_token, routed_fraction, routed_fractions)
+from skipjax.routing.dispatch import (METHODS, Dispatched, capacity_slots, default_gsize, dispatch,
+                                      from_routing_groups, gated_layer_output, gated_residual,
+                                      to_routing_groups)
+from skipjax.routing.routers import (KINDS, Gate, Router, always_on_gate, fixed_gate,
+                                     gate_from_logits, gumbel_gate, needs_rng, random_gate,
+                                     sigmoid_gate, straight_through, top1_gate)

@@ -15,7 +15,7 @@ def model_config() -> ml_collections.ConfigDict:
       d_model=128, num_heads=4, head_dim=0, num_layers=4, d_ff=512,
       activation="gelu", max_len=256, position="learned", position_offset=0,
       norm="pre", final_norm=True, tie_embeddings=True, use_bias=True,
-      layer_norm_eps=1e-5, layer_norm_affine=True, embed_proj_dim=0, causal=True,
+      layer_norm_eps=1e-5, layer_norm_affine=True, embed_proj_dim=0, causal=True, oracle_threshold=0.0,
       dropout_rate=0.0, dtype="float32", scan_layers=False, remat=False,
       skip=ml_collections.ConfigDict(dict(
           router="none", dispatch="masked", target_density=1.0, granularity="layer",

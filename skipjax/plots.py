@@ -28,6 +28,39 @@ def loss_curve(records: Sequence[dict], path: str) -> str:
   return path
 
 
+def depth_by_class(records: Sequence[dict], classes: Sequence[str], path: str) -> str:
+  """Mean executed depth per token difficulty class over training (the SkipLayer demo)."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for name in classes:
+    pts = [(r["step"], r[f"eval_depth_{name}"]) for r in records if f"eval_depth_{name}" in r]
+    if pts:
+      ax.plot(*zip(*pts), "o-", label=name)
+  ax.set_xlabel("step")
+  ax.set_ylabel("mean executed layers per token")
+  ax.set_title("executed depth by token difficulty (eval, argmax routing)")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def skipped_layers_per_token(skipped: Sequence[int], num_layers: int, path: str) -> str:
+  """LtS Fig. 7: how many layers each generated token skipped during decoding."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fig, ax = plt.subplots(figsize=(6, 3))
+  ax.bar(range(len(skipped)), skipped, color="tab:orange")
+  ax.set_ylim(0, num_layers)
+  ax.set_xlabel("generated token")
+  ax.set_ylabel(f"layers skipped (of {num_layers})")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
 # ----------------------------------------------------------- residual ratio profiling (RR §4)
 def _save(fig, path: str) -> str:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -33,7 +33,9 @@ def validate_model(m) -> None:
   s = m.skip
   _one_of("model.skip.router", s.router, ROUTERS)
   _one_of("model.skip.dispatch", s.dispatch, DISPATCHES)
-  _one_of("model.skip.granularity", s.granularity, ("layer", "block"))
+  _one_of("model.skip.granularity", s.granularity, ("layer", "block", "ffn"))
+  _require(s.router == "none" or m.norm == "pre",
+           f"config.model.skip.router={s.router!r} needs config.model.norm='pre' (LtS routes pre-LN layers), got {m.norm!r}")
   _require(0.0 < s.target_density <= 1.0,
            f"config.model.skip.target_density={s.target_density} must be in (0, 1]")
   _require(s.gsize >= 1, f"config.model.skip.gsize={s.gsize} must be >= 1")

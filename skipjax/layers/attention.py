@@ -91,7 +91,12 @@ class MultiHeadAttention(nn.Module):
     cached_v.value = jax.lax.dynamic_update_slice_in_dim(cached_v.value, v.astype(cached_v.value.dtype), index, 1)
     if not attend:
       return None
-    batch, max_len = cached_k.value.shape[:2]
+    return self.attend_cached(x, index)
+
+  def attend_cached(self, x: jnp.ndarray, index: jnp.ndarray) -> jnp.ndarray:
+    """Query `x` [B,1,d] at slot `index` attends to cache slots <= index (no cache write)."""
+    k, v = self.get_variable("cache", "cached_key"), self.get_variable("cache", "cached_value")
+    batch, max_len = k.shape[:2]
     kv_pos = jnp.broadcast_to(jnp.arange(max_len), (batch, max_len))
     q_pos = jnp.full((batch, 1), index)
-    return self.attend(x, q_pos, cached_k.value, cached_v.value, kv_pos)
+    return self.attend(x, q_pos, k, v, kv_pos)

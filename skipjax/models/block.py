@@ -1,21 +1,40 @@
 """The gated residual block (DESIGN.md): y = x + m ⊙ R(x) for attention and FFN branches.
 
-The gate `m` comes from `gate()`; the dense model's gate is "always on" (m = None), which
-compiles to the plain pre-/post-LN Transformer layer (LtS Eq. 5). Per-block statistics are sown:
-  stats/{attn,ffn}_input_norm, stats/{attn,ffn}_residual_norm   ‖x‖₂, ‖R(x)‖₂ per token (fp32)
-  gates/...      gate decisions, aux_loss/...   weighted auxiliary losses (summed by training).
+One Block serves every method; only the gate differs:
+  * dense: no gate (m = 1) — the plain pre-/post-LN Transformer layer (LtS Eq. 5);
+  * SkipLayer (LtS §2): a learned or random `Router` per layer (`skip.granularity='layer'`,
+    y = m·g₁·F(x) + (1−m)·g₀·x, Eq. 1/4) or per residual block ('block', or 'ffn' only), with
+    the routed compute run by `routing.dispatch` (masked | capacity | grouped). Under routing
+    K/V are computed for every token, queries/attention/FFN only for routed ones (Alg. 1);
+  * applied oracle (RR §4.4): `oracle_threshold` > 0 skips R(x) where ‖R(x)‖/‖x‖ < threshold;
+  * any fixed plan (pruning, skip policies, sensitivity probes): a `gate_override` variable
+    collection {'attn': m, 'ffn': m} ([B, T] in {0, 1}) forces the gate of this block.
+A hard gate m = 0 leaves the token exactly unchanged (y = x), for pre- and post-LN alike.
+
+Sown collections: stats/{attn,ffn}_{input,residual}_norm ‖x‖₂, ‖R(x)‖₂ per token (dense path),
+gates/{layer,attn,ffn}_{mask,density,dropped_fraction}, aux_loss/{...}_capacity_loss (λ·(r−P)²).
 """
-from typing import Optional
+from typing import Callable, Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
+from skipjax import routing
 from skipjax.layers import MLP, MultiHeadAttention, layer_norm
 from skipjax.models.config import TransformerConfig
+
+LEARNED_ROUTERS = ("gumbel", "top1", "sigmoid")
 
 
 def _token_norm(x: jnp.ndarray) -> jnp.ndarray:
   return jnp.linalg.norm(x.astype(jnp.float32), axis=-1)
+
+
+def _all_tokens(x: jnp.ndarray):
+  """(idx, valid) that select every token of x [B, T, d]."""
+  b, t = x.shape[:2]
+  return jnp.broadcast_to(jnp.arange(t), (b, t)), jnp.ones((b, t), bool)
 
 
 class Block(nn.Module):
@@ -31,38 +50,167 @@ class Block(nn.Module):
     self.attn = MultiHeadAttention(cfg.d_model, cfg.num_heads, cfg.heads_dim, cfg.use_bias, dtype, cfg.causal)
     self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.activation, cfg.use_bias, dtype)
     self.dropout = nn.Dropout(cfg.dropout_rate)
+    s = cfg.skip
+    if s.router != "none":
+      make = lambda name: routing.Router(kind=s.router, temperature=s.temperature,
+                                         target_density=s.target_density, name=name)
+      if s.granularity == "layer":
+        self.router = make("router")
+      else:
+        if s.granularity == "block":
+          self.router_attn = make("router_attn")
+        self.router_ffn = make("router_ffn")
 
-  def gate(self, branch: str, x: jnp.ndarray) -> Optional[jnp.ndarray]:
-    """Per-token gate m ∈ {0,1} for `branch` ('attn' | 'ffn'); None means always on."""
-    del branch, x
+  # -- gates ---------------------------------------------------------------------------------
+
+  def _router(self, name: str) -> Optional[nn.Module]:
+    s = self.config.skip
+    if s.router == "none":
+      return None
+    if name == "layer":
+      return self.router if s.granularity == "layer" else None
+    if s.granularity == "block" or (s.granularity == "ffn" and name == "ffn"):
+      return getattr(self, f"router_{name}")
     return None
 
-  def _record(self, branch: str, x: jnp.ndarray, r: jnp.ndarray) -> None:
-    if self.is_mutable_collection("stats"):
-      self.sow("stats", f"{branch}_input_norm", _token_norm(x))
-      self.sow("stats", f"{branch}_residual_norm", _token_norm(r))
+  def _override(self, name: str) -> Optional[jnp.ndarray]:
+    if self.has_variable("gate_override", name):
+      return self.get_variable("gate_override", name)
+    return None
 
-  def _residual(self, branch: str, x, r, ln):
-    """x + m ⊙ R(x), with LN before (pre-LN: done by the caller) or after (post-LN)."""
-    self._record(branch, x, r)
-    r = self.dropout(r, deterministic=self.deterministic)
-    m = self.gate(branch, x)
-    y = x + (r if m is None else m[..., None].astype(r.dtype) * r)
-    return ln(y) if self.config.norm == "post" else y
+  def _gate(self, name: str, x: jnp.ndarray) -> Optional[routing.Gate]:
+    """The router's gate for `name`, replaced by a `gate_override` mask when one is given."""
+    override = self._override(name)
+    if override is not None:
+      return routing.fixed_gate(override)
+    router = self._router(name)
+    return None if router is None else router(x, self.deterministic)
+
+  def _sow_routing(self, name: str, gate: routing.Gate, d: routing.Dispatched) -> None:
+    self.sow("gates", f"{name}_mask", d.mask)
+    self.sow("gates", f"{name}_density", d.metrics["routed_fraction"])
+    self.sow("gates", f"{name}_dropped_fraction", d.metrics["dropped_fraction"])
+    s = self.config.skip
+    if s.router in LEARNED_ROUTERS and self._override(name) is None:
+      loss = routing.capacity_loss([gate.probs], [gate.mask], s.target_density)
+      self.sow("aux_loss", f"{name}_capacity_loss", s.aux_weight * loss)
+
+  def _dispatch(self, fn: Callable, x: jnp.ndarray, gate: routing.Gate) -> routing.Dispatched:
+    s = self.config.skip
+    return routing.dispatch(fn, x, gate.mask, method=s.dispatch, capacity_factor=s.capacity_factor,
+                            target_density=s.target_density, gsize=s.gsize)
+
+  # -- residual branches ---------------------------------------------------------------------
 
   def _pre(self, ln, x):
     return ln(x) if self.config.norm == "pre" else x
 
+  def _ln(self, name: str):
+    return self.ln_attn if name == "attn" else self.ln_ffn
+
+  def _branch(self, name: str, x, positions, kv_valid, layer_index) -> Callable:
+    """R as a dispatch branch (x_sel [B,C,d], idx [B,C], valid) -> R(x_sel).
+
+    Attention keys/values come from every token of `x` (LtS Alg. 1 line 2); queries only from
+    the selected tokens, masked causally by their original positions.
+    """
+    if name == "ffn":
+      return lambda x_sel, idx, valid: self.mlp(self._pre(self.ln_ffn, x_sel), layer_index)
+    k, v = self.attn.project_kv(self._pre(self.ln_attn, x))
+
+    def attention(x_sel, idx, valid):
+      q_pos = jnp.take_along_axis(positions, idx, axis=1)
+      return self.attn.attend(self._pre(self.ln_attn, x_sel), q_pos, k, v, positions, kv_valid)
+    return attention
+
+  def _residual(self, name: str, x, positions, kv_valid, layer_index):
+    """One residual block, y = x + m ⊙ R(x) (post-LN: LN(x + R(x)) where m = 1)."""
+    fn = self._branch(name, x, positions, kv_valid, layer_index)
+    gate = self._gate(name, x)
+    if gate is None or self.config.norm == "post":
+      r = fn(x, *_all_tokens(x))
+      self._record(name, x, r)
+      r = self.dropout(r, deterministic=self.deterministic)
+      y = x + r if self.config.norm == "pre" else self._ln(name)(x + r)
+      m = gate.mask if gate is not None else self._oracle(x, r)
+      if m is None:
+        return y
+      self.sow("gates", f"{name}_mask", m)
+      return jnp.where(m[..., None] > 0, y, x)
+    d = self._dispatch(fn, x, gate)
+    self._sow_routing(name, gate, d)
+    r = self.dropout(d.output, deterministic=self.deterministic)
+    return routing.gated_residual(x, r, gate, d.mask)
+
+  def _oracle(self, x, r) -> Optional[jnp.ndarray]:
+    """RR Eq. 1 applied as a gate: keep R(x) iff ‖R(x)‖₂ / ‖x‖₂ ≥ threshold."""
+    threshold = self.config.oracle_threshold
+    if not threshold:
+      return None
+    ratio = _token_norm(r) / jnp.maximum(_token_norm(x), 1e-12)
+    return (ratio >= threshold).astype(jnp.float32)
+
+  def _record(self, name: str, x: jnp.ndarray, r: jnp.ndarray) -> None:
+    if self.is_mutable_collection("stats"):
+      self.sow("stats", f"{name}_input_norm", _token_norm(x))
+      self.sow("stats", f"{name}_residual_norm", _token_norm(r))
+
+  def _skip_layer(self, x, positions, kv_valid, layer_index):
+    """LtS §2.3 / Alg. 1: the whole layer F(x) runs only for routed tokens (Eq. 1/4)."""
+    gate = self._gate("layer", x)
+    attention = self._branch("attn", x, positions, kv_valid, layer_index)
+
+    def layer(x_sel, idx, valid):
+      h = x_sel + attention(x_sel, idx, valid)
+      return h + self.mlp(self.ln_ffn(h), layer_index)
+
+    d = self._dispatch(layer, x, gate)
+    self._sow_routing("layer", gate, d)
+    return routing.gated_layer_output(x, self.dropout(d.output, deterministic=self.deterministic), gate, d.mask)
+
   def __call__(self, x, positions, kv_valid=None, layer_index=0):
     """Full-sequence forward. x [B,T,d], positions [B,T], kv_valid [B,T] or None."""
-    a = self.attn(self._pre(self.ln_attn, x), positions, kv_valid)
-    x = self._residual("attn", x, a, self.ln_attn)
-    f = self.mlp(self._pre(self.ln_ffn, x), layer_index)
-    return self._residual("ffn", x, f, self.ln_ffn)
+    if self._router("layer") is not None:
+      return self._skip_layer(x, positions, kv_valid, layer_index)
+    x = self._residual("attn", x, positions, kv_valid, layer_index)
+    return self._residual("ffn", x, positions, kv_valid, layer_index)
+
+  # -- decoding (LtS Alg. 2) -----------------------------------------------------------------
+
+  def _maybe(self, m: jnp.ndarray, fn: Callable, x: jnp.ndarray) -> jnp.ndarray:
+    """fn(x) where m = 1, else 0. At batch 1 the skipped compute does not run (`lax.cond`)."""
+    if x.shape[:2] == (1, 1):  # (the init call of decode mode sees the full length)
+      return nn.cond(m.reshape(()) > 0, lambda mdl, x: fn(mdl, x), lambda mdl, x: jnp.zeros_like(x), self, x)
+    return jnp.where(m[..., None] > 0, fn(self, x), jnp.zeros_like(x))
 
   def decode(self, x, index, layer_index=0):
-    """One decoding step with the KV cache: x [B,1,d] at cache slot `index`."""
-    a = self.attn.decode_step(self._pre(self.ln_attn, x), index)
-    x = self._residual("attn", x, a, self.ln_attn)
-    f = self.mlp(self._pre(self.ln_ffn, x), layer_index)
-    return self._residual("ffn", x, f, self.ln_ffn)
+    """One decoding step with the KV cache: x [B,1,d] at cache slot `index`.
+
+    K/V of the current token are always written to the cache; Q/attention/FFN run only where
+    the router routes the token (LtS Alg. 2, deterministic argmax routing).
+    """
+    ffn = lambda mdl, h: mdl.mlp(mdl._pre(mdl.ln_ffn, h), layer_index)
+    gate = self._gate("layer", x)
+    if gate is not None:
+      self.attn.decode_step(self._pre(self.ln_attn, x), index, attend=False)
+
+      def layer(mdl, h):
+        h = h + mdl.attn.attend_cached(mdl.ln_attn(h), index)
+        return h + ffn(mdl, h)
+      self.sow("gates", "layer_mask", gate.mask)
+      return routing.gated_layer_output(x, self._maybe(gate.mask, layer, x), gate)
+    gate = self._gate("attn", x)
+    if gate is None:
+      a = self.attn.decode_step(self._pre(self.ln_attn, x), index)
+      x = x + a if self.config.norm == "pre" else self.ln_attn(x + a)
+    else:
+      self.attn.decode_step(self._pre(self.ln_attn, x), index, attend=False)
+      attend = lambda mdl, h: mdl.attn.attend_cached(mdl.ln_attn(h), index)
+      self.sow("gates", "attn_mask", gate.mask)
+      x = routing.gated_residual(x, self._maybe(gate.mask, attend, x), gate)
+    gate = self._gate("ffn", x)
+    if gate is None:
+      f = ffn(self, x)
+      return x + f if self.config.norm == "pre" else self.ln_ffn(x + f)
+    self.sow("gates", "ffn_mask", gate.mask)
+    return routing.gated_residual(x, self._maybe(gate.mask, ffn, x), gate)

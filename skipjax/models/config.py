@@ -13,7 +13,7 @@ class SkipConfig:
   router: str = "none"            # gumbel | top1 | sigmoid | random | none
   dispatch: str = "masked"        # masked | capacity | grouped
   target_density: float = 1.0     # P
-  granularity: str = "layer"      # layer | block
+  granularity: str = "layer"      # layer | block | ffn (route only the FFN block: WideFFN)
   gsize: int = 64
   capacity_factor: float = 1.25
   aux_weight: float = 0.1         # lambda
@@ -45,6 +45,7 @@ class TransformerConfig:
   dtype: str = "float32"          # activation dtype; params are always float32
   scan_layers: bool = False
   remat: bool = False
+  oracle_threshold: float = 0.0   # RR §4.4 applied oracle: skip R(x) where ‖R(x)‖/‖x‖ < this
   skip: SkipConfig = SkipConfig()
 
   @property

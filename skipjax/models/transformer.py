@@ -9,7 +9,8 @@ from skipjax.models.block import Block
 from skipjax.models.config import TransformerConfig
 
 # Collections a block may write; scanned layers stack each of them along a leading layer axis.
-LAYER_COLLECTIONS = ("params", "cache", "stats", "gates", "aux_loss", "activations", "intermediates")
+LAYER_COLLECTIONS = ("params", "cache", "stats", "gates", "aux_loss", "activations", "intermediates",
+                     "gate_override")
 _kernel_init = nn.initializers.normal(stddev=0.02)
 
 

@@ -15,7 +15,7 @@ from absl import logging
 from tqdm import tqdm
 
 from skipjax import data as data_lib
-from skipjax import models, plots, validation
+from skipjax import models, plots, routing, validation
 from skipjax.train import checkpoint as checkpoint_lib
 from skipjax.train import metrics as metrics_lib
 from skipjax.train import optim, sharding, state as state_lib, step as step_lib
@@ -61,11 +61,27 @@ def evaluate(eval_fn, params, eval_ds, num_batches: int, batch_sharding) -> Dict
       totals[k] = totals.get(k, 0.0) + np.asarray(v, np.float64)
   loss = float(totals["nll_sum"] / totals["count"])
   result = {"eval_loss": loss, "eval_perplexity": float(np.exp(min(loss, 50.0)))}
+  if "depth_sum" in totals:
+    result["eval_depth"] = float(totals["depth_sum"] / totals["count"])
   if "class_nll_sum" in totals:
     for c, name in enumerate(data_lib.DIFFICULTY_CLASSES):
       if totals["class_count"][c] > 0:
         result[f"eval_loss_{name}"] = float(totals["class_nll_sum"][c] / totals["class_count"][c])
+        if "class_depth_sum" in totals:
+          result[f"eval_depth_{name}"] = float(totals["class_depth_sum"][c] / totals["class_count"][c])
   return result
+
+
+def flops_per_token(config: ml_collections.ConfigDict, record: Dict[str, float]) -> Optional[float]:
+  """Analytic forward FLOPs/token at the logged per-layer densities (routing.flops_per_token)."""
+  m = config.model
+  densities = record.get("layer_density", record.get("ffn_density"))
+  if densities is None:
+    densities = [1.0] * m.num_layers
+  return float(routing.flops_per_token(
+      np.asarray(densities), d_model=m.d_model, d_ff=m.d_ff, seq_len=config.data.seq_len,
+      num_heads=m.num_heads, head_dim=m.head_dim or None, causal=True,
+      router=m.skip.router != "none", vocab_size=m.vocab_size))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
@@ -126,12 +142,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       continue
     _check_finite(*pending, ckpt)
     pending = None
-    record = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    record = {k: np.asarray(v).tolist() for k, v in jax.device_get(metrics).items()}
     if do_log:
       elapsed = time.time() - t0
       record["learning_rate"] = float(schedule(i))
       record["steps_per_sec"] = (step - t0_step) / max(elapsed, 1e-9)
       record["tokens_per_sec"] = record["steps_per_sec"] * tokens_per_step
+      record["flops_per_token"] = flops_per_token(config, record)
       t0, t0_step = time.time(), step
     if do_eval:
       record.update(evaluate(p_eval, state.params, eval_ds, cfg.eval_batches, batch_sharding))
@@ -140,12 +157,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       if is_main:
         writer.write(step, record)
       bar.set_postfix(loss=f"{record['loss']:.3f}")
-      logging.info("step %d: %s", step, json.dumps({k: round(v, 4) for k, v in record.items()}))
+      logging.info("step %d: %s", step, json.dumps(
+          {k: round(v, 4) for k, v in record.items() if isinstance(v, float)}))
     if do_save:
       ckpt.save(step, state, force=step == cfg.num_steps)
   bar.close()
   ckpt.close()
   writer.close()
   if is_main:
-    plots.loss_curve(metrics_lib.read_metrics(workdir), os.path.join(workdir, "plots", "loss.png"))
+    records = metrics_lib.read_metrics(workdir)
+    plots.loss_curve(records, os.path.join(workdir, "plots", "loss.png"))
+    if any("eval_depth_hard" in r for r in records):
+      plots.depth_by_class(records, data_lib.DIFFICULTY_CLASSES, os.path.join(workdir, "plots", "depth_by_class.png"))
   return last

@@ -1,11 +1,12 @@
 """Loss, train step and eval step (pure functions; jitted with shardings by the loop)."""
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
+from skipjax import models
 from skipjax.train.state import TrainState
 
 Batch = Dict[str, jnp.ndarray]
@@ -20,6 +21,34 @@ def sum_aux_losses(variables: Dict[str, Any]) -> jnp.ndarray:
   """Σ of every sown (already weighted) auxiliary loss, e.g. LtS capacity loss λ·ℓ_aux."""
   leaves = jax.tree.leaves(variables.get("aux_loss", {}))
   return sum((jnp.sum(x) for x in leaves), jnp.zeros((), jnp.float32))
+
+
+def _sown_names(tree: Dict[str, Any]) -> list:
+  """Names sown by the blocks of a per-layer collection (loop or scanned layout)."""
+  if "layers" in tree:
+    return sorted(tree["layers"]["block"])
+  return sorted({name for key, block in tree.items() if key.startswith("block_") for name in block})
+
+
+def routing_metrics(gates: Dict[str, Any]) -> Dict[str, jnp.ndarray]:
+  """Per-layer routed fraction r_i and dropped fraction, and Eff-L = Σ_i r_i (LtS Table 1)."""
+  out = {}
+  for name in _sown_names(gates):
+    if name.endswith(("_density", "_dropped_fraction")):
+      out[name] = models.per_layer(gates, name)
+  density = out.get("layer_density", out.get("ffn_density"))
+  if density is not None:
+    out["effective_depth"] = jnp.sum(density)
+  return out
+
+
+def executed_depth(gates: Dict[str, Any]) -> Optional[jnp.ndarray]:
+  """Layers each token executed, [B, T]: Σ_l m_l (per-block gates count half a layer each)."""
+  names = _sown_names(gates)
+  if "layer_mask" in names:
+    return jnp.sum(models.per_layer(gates, "layer_mask"), axis=0)
+  block_masks = [jnp.sum(models.per_layer(gates, n), axis=0) for n in ("attn_mask", "ffn_mask") if n in names]
+  return sum(block_masks) / 2 if block_masks else None
 
 
 def step_rngs(rng: jax.Array, step: jnp.ndarray) -> Dict[str, jax.Array]:
@@ -38,21 +67,28 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, model: nn.Mod
         rngs=step_rngs(rng, state.step), mutable=["aux_loss", "gates"])
     nll = jnp.mean(token_nll(logits, batch["targets"]))
     aux = sum_aux_losses(variables)
-    return nll + aux, (nll, aux)
+    return nll + aux, (nll, aux, routing_metrics(variables.get("gates", {})))
 
-  (loss, (nll, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, (nll, aux, routed)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": loss, "nll": nll, "aux_loss": aux, "grad_norm": optax.tree.norm(grads)}
+  metrics = {"loss": loss, "nll": nll, "aux_loss": aux, "grad_norm": optax.tree.norm(grads), **routed}
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
 def eval_step(params: Any, batch: Batch, *, model: nn.Module, num_classes: int = 0) -> Dict[str, jnp.ndarray]:
-  """Summed NLL and token counts (overall and per difficulty class when the batch has one)."""
-  nll = token_nll(model.apply({"params": params}, batch["inputs"]), batch["targets"])
+  """Summed NLL and token counts (overall and per difficulty class when the batch has one),
+  and with routing the executed depth per token (deterministic routing: argmax)."""
+  logits, variables = model.apply({"params": params}, batch["inputs"], mutable=["gates"])
+  nll = token_nll(logits, batch["targets"])
+  depth = executed_depth(variables.get("gates", {}))
   out = {"nll_sum": jnp.sum(nll), "count": jnp.asarray(nll.size, jnp.float32)}
+  if depth is not None:
+    out["depth_sum"] = jnp.sum(depth)
   if num_classes and "difficulty" in batch:
     onehot = jax.nn.one_hot(batch["difficulty"], num_classes, dtype=jnp.float32)
     out["class_nll_sum"] = jnp.einsum("bt,btc->c", nll, onehot)
     out["class_count"] = jnp.sum(onehot, axis=(0, 1))
+    if depth is not None:
+      out["class_depth_sum"] = jnp.einsum("bt,btc->c", depth, onehot)
   return out

@@ -1,0 +1,141 @@
+"""SkipLayer in the model (LtS §2): dispatch equivalence, param tree, routed decoding, cond."""
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from skipjax import models
+
+BASE = models.TransformerConfig(vocab_size=61, d_model=32, num_heads=4, num_layers=3, d_ff=64, max_len=16)
+
+
+def _cfg(**skip):
+  kw = dict(router="gumbel", dispatch="masked", target_density=0.5, granularity="layer", gsize=4,
+            capacity_factor=2.0)
+  return dataclasses.replace(BASE, skip=models.SkipConfig(**{**kw, **skip}))
+
+
+def _params(model, tokens):
+  return nn.meta.unbox(model.init({"params": jax.random.key(0), "gate": jax.random.key(2)}, tokens)["params"])
+
+
+def _loss_and_grads(model, params, tokens):
+  def loss(p):
+    logits, state = model.apply({"params": p}, tokens, deterministic=False,
+                                rngs={"gate": jax.random.key(3)}, mutable=["gates", "aux_loss"])
+    return jnp.mean(logits ** 2) + sum(jax.tree.leaves(state["aux_loss"])), state
+  return jax.value_and_grad(loss, has_aux=True)(params)
+
+
+@pytest.mark.parametrize("granularity", ["layer", "block", "ffn"])
+def test_dispatch_methods_agree_in_the_model(granularity):
+  tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 61)
+  ref_model = models.build(_cfg(granularity=granularity))
+  params = _params(ref_model, tokens)
+  (ref_loss, ref_state), ref_grads = _loss_and_grads(ref_model, params, tokens)
+  for method in ("capacity", "grouped"):
+    model = models.build(_cfg(granularity=granularity, dispatch=method))
+    assert jax.tree.structure(_params(model, tokens)) == jax.tree.structure(params)
+    (loss, state), grads = _loss_and_grads(model, params, tokens)
+    assert float(jnp.max(jnp.stack(jax.tree.leaves(
+        {k: v for k, v in state["gates"]["block_0"].items() if k.endswith("dropped_fraction")})))) == 0.0
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+      np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_routing_metrics_and_capacity_loss_are_sown():
+  tokens = jax.random.randint(jax.random.key(1), (4, 16), 0, 61)
+  model = models.build(_cfg())
+  (_, state), grads = _loss_and_grads(model, _params(model, tokens), tokens)
+  gates = state["gates"]
+  masks = models.per_layer(gates, "layer_mask")
+  assert masks.shape == (3, 4, 16) and set(np.unique(masks)) <= {0.0, 1.0}
+  np.testing.assert_allclose(models.per_layer(gates, "layer_density"), masks.mean(axis=(1, 2)), rtol=1e-6)
+  r = masks.mean(axis=(1, 2))
+  aux = jnp.stack([state["aux_loss"][f"block_{i}"]["layer_capacity_loss"][0] for i in range(3)])
+  np.testing.assert_allclose(aux, 0.1 * (r - 0.5) ** 2, rtol=1e-5)  # λ (r_i − P)²
+  assert float(jnp.abs(grads["block_0"]["router"]["kernel"]).sum()) > 0
+
+
+@pytest.mark.parametrize("granularity,batch", [("layer", 1), ("layer", 2), ("block", 1), ("ffn", 2)])
+def test_routed_decoding_equals_full_forward_with_argmax_routing(granularity, batch):
+  cfg = _cfg(granularity=granularity, router="top1")  # top1: Eq. 4 output scaling by g
+  tokens = jax.random.randint(jax.random.key(1), (batch, 16), 0, 61)
+  model = models.build(cfg)
+  params = _params(model, tokens)
+  # Bias the routers so that decisions are mixed rather than all-on / all-off.
+  def perturb(path, x):
+    name = jax.tree_util.keystr(path)
+    if "router" not in name:
+      return x
+    if name.endswith("['bias']"):
+      return jnp.zeros_like(x)
+    return jax.random.normal(jax.random.key(hash(name) % 2**31), x.shape)
+  params = jax.tree_util.tree_map_with_path(perturb, params)
+  full, state = model.apply({"params": params}, tokens, mutable=["gates"])
+  name = "layer_mask" if granularity == "layer" else "ffn_mask"
+  masks = models.per_layer(state["gates"], name)
+  assert 0.0 < float(masks.mean()) < 1.0, "routing decisions should be mixed"
+  cache = model.init(jax.random.key(0), jnp.zeros_like(tokens), decode=True)["cache"]
+  step = jax.jit(lambda c, t: model.apply({"params": params, "cache": c}, t, decode=True, mutable=["cache", "gates"]))
+  outs, step_masks = [], []
+  for t in range(tokens.shape[1]):
+    logits, new = step(cache, tokens[:, t:t + 1])
+    cache = new["cache"]
+    outs.append(logits)
+    step_masks.append(models.per_layer(new["gates"], name))
+  np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=2e-5)
+  np.testing.assert_array_equal(jnp.concatenate(step_masks, axis=-1), masks)
+
+
+def _shapes(jaxpr, inside_cond=False, found=None):
+  """(shape, inside a cond branch?) of every value produced in a jaxpr, recursively."""
+  found = [] if found is None else found
+  for eqn in jaxpr.eqns:
+    for v in eqn.outvars:
+      found.append((tuple(getattr(v.aval, "shape", ())), inside_cond))
+    for param in eqn.params.values():
+      subs = param if isinstance(param, (list, tuple)) else [param]
+      for sub in subs:
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          _shapes(inner, inside_cond or eqn.primitive.name == "cond", found)
+  return found
+
+
+def test_batch1_decoding_skips_compute_with_cond():
+  model = models.build(_cfg())
+  tokens = jnp.zeros((1, 16), jnp.int32)
+  params = _params(model, tokens)
+  cache = model.init(jax.random.key(0), tokens, decode=True)["cache"]
+  closed = jax.make_jaxpr(lambda c, t: model.apply({"params": params, "cache": c}, t, decode=True,
+                                                   mutable=["cache"]))(cache, tokens[:, :1])
+  assert str(closed).count("cond[") == BASE.num_layers
+  shapes = _shapes(closed.jaxpr)
+  ffn_hidden = (1, 1, BASE.d_ff)
+  # The gated-off layer's FFN (and attention query) exist only inside the cond branches.
+  assert ffn_hidden in {s for s, inside in shapes if inside}
+  assert ffn_hidden not in {s for s, inside in shapes if not inside}
+
+
+def test_gate_override_and_oracle_threshold():
+  tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, 61)
+  model = models.build(BASE)
+  params = _params(model, tokens)
+  dense = model.apply({"params": params}, tokens)
+  ones = {f"block_{i}": {"attn": jnp.ones((2, 12)), "ffn": jnp.ones((2, 12))} for i in range(3)}
+  np.testing.assert_allclose(model.apply({"params": params, "gate_override": ones}, tokens), dense, atol=1e-6)
+  zeros = jax.tree.map(jnp.zeros_like, ones)
+  skipped = model.apply({"params": params, "gate_override": zeros}, tokens)
+  # Every block skipped: logits = head(LN_final(embeddings)).
+  x = jnp.take(params["embed"]["embedding"], tokens, axis=0) + params["pos_embed"]["embedding"][:12]
+  ln = nn.LayerNorm(epsilon=BASE.layer_norm_eps).apply({"params": params["ln_final"]}, x)
+  np.testing.assert_allclose(skipped, ln @ params["embed"]["embedding"].T, atol=1e-5)
+  oracle = models.build(dataclasses.replace(BASE, oracle_threshold=1e-9))
+  np.testing.assert_allclose(oracle.apply({"params": params}, tokens), dense, atol=1e-6)
+  oracle = models.build(dataclasses.replace(BASE, oracle_threshold=1e9))
+  np.testing.assert_allclose(oracle.apply({"params": params}, tokens), skipped, atol=1e-6)

@@ -53,7 +53,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     _skip(config, granularity="ffn")
   elif preset == "tiny_highway":
     config.model.update(num_layers=4)
-    _skip(config, router="highway", granularity="ffn", target_density=1.0)
+    _skip(config, router="highway", granularity="ffn", target_density=0.5)  # T starts at σ(0)
   elif match:
     family, num_layers, density = match.group(1), int(match.group(2)), float(match.group(3))
     if num_layers not in LTS_LAYERS or density not in LTS_DENSITIES:

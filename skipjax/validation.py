@@ -5,7 +5,7 @@ from skipjax.layers.mlp import ACTIVATIONS
 from skipjax.models.config import DTYPES
 from skipjax.train.sharding import mesh_shape
 
-ROUTERS = ("gumbel", "top1", "sigmoid", "random", "none")
+ROUTERS = ("gumbel", "top1", "sigmoid", "random", "none", "highway")
 DISPATCHES = ("masked", "capacity", "grouped")
 SOURCES = ("synthetic:", "text:", "tfds:")
 

@@ -8,5 +8,5 @@ from skipjax.routing.dispatch import (METHODS, Dispatched, capacity_slots, defau
                                       from_routing_groups, gated_layer_output, gated_residual,
                                       to_routing_groups)
 from skipjax.routing.routers import (KINDS, Gate, Router, always_on_gate, fixed_gate,
-                                     gate_from_logits, gumbel_gate, needs_rng, random_gate,
+                                     gate_from_logits, gumbel_gate, highway_gate, needs_rng, random_gate,
                                      sigmoid_gate, straight_through, top1_gate)

@@ -56,8 +56,8 @@ def capacity_loss(probs_per_layer: PerLayer, mask_per_layer: PerLayer,
   Args:
     probs_per_layer: per layer, the soft routing probabilities `Gate.probs` [...] (a list, or an
       array stacked on axis 0).
-    mask_per_layer: per layer, the hard masks (use the *effective* masks after dispatch if
-      tokens were dropped); same layout as `probs_per_layer`.
+    mask_per_layer: per layer, the router's hard masks `Gate.mask` (before any capacity drops:
+      the loss controls the router's decision); same layout as `probs_per_layer`.
     target_density: P, a scalar or one value per layer [L].
     token_weights: optional weights [...] (e.g. 0 for padding) defining which tokens count.
 

@@ -28,6 +28,9 @@ Gate kinds (`KINDS`):
   `random`  the random-gating baseline: m ~ Bernoulli(target_density) per token, scales 1, no
             learning. It samples in deterministic mode too (the baseline *is* random).
   `none`    always on: m = 1, scales 1, probs 1 (a dense layer).
+  `highway` HighwayNet baseline (Srivastava et al. 2015; LtS §3): a soft transform gate
+            T = σ(logit1 − logit0), m = 1 (nothing is skipped), scale_on = T, scale_off = 1 − T,
+            i.e. y = T·F(x) + (1 − T)·x; on a residual block, y = x + T·R(x).
 
 `probs` is the probability that the token is routed, P(m = 1): softmax(logits)[1] for `gumbel`
 (the Gumbel-max sample is 1 with exactly this probability, independent of the temperature),
@@ -46,7 +49,7 @@ import jax.numpy as jnp
 Array = jnp.ndarray
 PRNGKey = jax.Array
 
-KINDS = ("gumbel", "top1", "sigmoid", "random", "none")
+KINDS = ("gumbel", "top1", "sigmoid", "random", "none", "highway")
 
 
 @flax.struct.dataclass
@@ -80,7 +83,7 @@ def straight_through(hard: Array, soft: Array) -> Array:
 def _straight_through_jvp(primals, tangents):
   hard, _ = primals
   _, soft_dot = tangents
-  return hard, soft_dot
+  return hard, soft_dot.astype(hard.dtype)
 
 
 def _route_bit(logits: Array) -> Array:
@@ -172,7 +175,15 @@ def gate_from_logits(logits: Array, kind: str = "gumbel", *, rng: Optional[PRNGK
     return random_gate(rng, shape, target_density)
   if kind == "none":
     return always_on_gate(shape)
+  if kind == "highway":
+    return highway_gate(logits)
   raise ValueError(f"unknown router kind {kind!r}; known: {KINDS}")
+
+
+def highway_gate(logits: Array) -> Gate:
+  """Srivastava et al. 2015: y = T·F(x) + (1 − T)·x with T = σ(l1 − l0); every token computes F."""
+  t = jax.nn.sigmoid(logits[..., 1] - logits[..., 0])
+  return Gate(mask=jnp.ones_like(t), scale_on=t, scale_off=1.0 - t, probs=t)
 
 
 def needs_rng(kind: str, deterministic: bool) -> bool:

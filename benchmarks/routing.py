@@ -1,0 +1,136 @@
+"""SkipLayer speed (LtS §2.2, Fig. 4c/d): train-step time vs the dense stack, and decode time.
+
+    python -m benchmarks.routing --preset cpu     # small shapes, minutes on a 2-core CPU
+    python -m benchmarks.routing --preset gpu     # FFN-dominated LtS-like shapes, one accelerator
+
+1. Forward+backward step time of a SkipLayer stack vs the dense stack of the same depth, at
+   P ∈ {0.5, 0.25, 0.125}, for each dispatch (masked | capacity | grouped). Routing decisions come
+   from the random-gating router (Bernoulli(P)), so every dispatch computes the same tokens and
+   timing does not depend on training; the learned routers cost one [d, 2] matmul more.
+2. Batch-1 decode time per token of SkipLayer(2L, 50%) vs dense(L) with the KV cache (LtS Fig. 4c):
+   top-1 routers with random weights give mixed per-token decisions; the routed fraction is printed.
+All ratios are measured in one run, on one device.
+"""
+import argparse
+import dataclasses
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from skipjax import models, routing
+
+PRESETS = {
+    # LtS §3 shapes (FFN 8×d, head dim 64) scaled to one accelerator.
+    "gpu": dict(d_model=1024, heads=16, d_ff=8192, layers=8, batch=8, seq=1024, gsize=128, dtype="bfloat16"),
+    "cpu": dict(d_model=128, heads=4, d_ff=1024, layers=4, batch=4, seq=256, gsize=32, dtype="float32"),
+}
+
+
+def _config(p, layers, router="none", dispatch="masked", density=1.0):
+  return models.TransformerConfig(
+      vocab_size=1024, d_model=p["d_model"], num_heads=p["heads"], num_layers=layers, d_ff=p["d_ff"],
+      max_len=p["seq"], dtype=p["dtype"],
+      skip=models.SkipConfig(router=router, dispatch=dispatch, target_density=density, gsize=p["gsize"],
+                             capacity_factor=1.25))
+
+
+def _time(fn, *args, iters):
+  jax.block_until_ready(fn(*args))  # compile + warm up
+  jax.block_until_ready(fn(*args))
+  t = time.perf_counter()
+  for _ in range(iters):
+    out = fn(*args)
+  jax.block_until_ready(out)
+  return (time.perf_counter() - t) / iters
+
+
+def step_time(cfg, tokens, iters):
+  model = models.build(cfg)
+  params = nn.meta.unbox(model.init({"params": jax.random.key(0), "gate": jax.random.key(1)}, tokens[:1])["params"])
+
+  @jax.jit
+  def grad_step(params, tokens, rng):
+    def loss(p):
+      logits, _ = model.apply({"params": p}, tokens, deterministic=False, rngs={"gate": rng},
+                              mutable=["gates", "aux_loss"])
+      return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, tokens[..., None], -1)[..., 0])
+    return jax.grad(loss)(params)
+
+  return _time(grad_step, params, tokens, jax.random.key(2), iters=iters)
+
+
+def decode_time(cfg, steps, iters):
+  model = models.build(cfg)
+  zeros = jnp.zeros((1, cfg.max_len), jnp.int32)
+  params = nn.meta.unbox(model.init({"params": jax.random.key(0), "gate": jax.random.key(1)}, zeros)["params"])
+  params = jax.tree_util.tree_map_with_path(  # random router weights: mixed argmax decisions
+      lambda path, x: jax.random.normal(jax.random.key(3), x.shape) if "router" in jax.tree_util.keystr(path) else x, params)
+  cache = model.init(jax.random.key(0), zeros, decode=True)["cache"]
+
+  @jax.jit
+  def generate(params, cache):
+    def body(carry, _):
+      cache, tok = carry
+      logits, state = model.apply({"params": params, "cache": cache}, tok, decode=True, mutable=["cache", "gates"])
+      executed = sum((jnp.sum(m) for m in jax.tree.leaves(state.get("gates", {}))), jnp.zeros(()))
+      return (state["cache"], jnp.argmax(logits, -1).astype(jnp.int32)), executed
+    (_, last), executed = jax.lax.scan(body, (cache, jnp.zeros((1, 1), jnp.int32)), None, length=steps)
+    return executed, last  # `last` depends on every step, so nothing is dead code
+
+  seconds = _time(generate, params, cache, iters=iters)
+  executed = np.asarray(generate(params, cache)[0])
+  routed = float(executed.mean() / cfg.num_layers) if cfg.skip.router != "none" else 1.0
+  return seconds / steps, routed
+
+
+def flops_ratio(p, density):
+  """Analytic forward FLOPs of the SkipLayer stack / dense stack (routing.flops_per_token)."""
+  kw = dict(d_model=p["d_model"], d_ff=p["d_ff"], seq_len=p["seq"], num_heads=p["heads"], causal=True)
+  skip = routing.flops_per_token([density] * p["layers"], router=True, **kw)
+  return float(skip / routing.flops_per_token([1.0] * p["layers"], router=False, **kw))
+
+
+def train_table(p, tokens, iters):
+  dense = step_time(_config(p, p["layers"]), tokens, iters)
+  print(f"\n## train step (fwd+bwd), L={p['layers']}: dense {dense * 1e3:.1f} ms")
+  print("| P | FLOPs ratio (ideal) | masked | capacity | grouped |\n|---|---|---|---|---|")
+  # P = 1 isolates the dispatch overhead (gather/scatter, routing) from the saved compute.
+  for density in (1.0, 0.5, 0.25, 0.125):
+    row = []
+    for dispatch in ("masked", "capacity", "grouped"):
+      t = step_time(_config(p, p["layers"], "random", dispatch, density), tokens, iters)
+      row.append(f"{t * 1e3:.1f} ms ({t / dense:.2f}×)")
+    print(f"| {density} | {flops_ratio(p, density):.2f}× | " + " | ".join(row) + " |")
+
+
+
+def decode_row(p, steps, iters):
+  half = max(p["layers"] // 2, 1)
+  t_dense, _ = decode_time(_config(p, half), steps, iters)
+  t_skip, routed = decode_time(_config(p, 2 * half, "top1", "masked", 0.5), steps, iters)
+  print(f"\n## batch-1 decode per token: dense(L={half}) {t_dense * 1e3:.3f} ms, "
+        f"SkipLayer(L={2 * half}, routed {routed:.2f}) {t_skip * 1e3:.3f} ms, ratio {t_skip / t_dense:.2f}×")
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+  parser.add_argument("--iters", type=int, default=5)
+  parser.add_argument("--decode_steps", type=int, default=128)
+  parser.add_argument("--parts", default="train,decode", help="comma list of: train, decode")
+  args = parser.parse_args()
+  p = PRESETS[args.preset]
+  print(f"device={jax.devices()[0].device_kind} preset={args.preset} {p}")
+  tokens = jax.random.randint(jax.random.key(0), (p["batch"], p["seq"]), 0, 1024)
+
+  if "train" in args.parts:
+    train_table(p, tokens, args.iters)
+  if "decode" in args.parts:
+    decode_row(p, args.decode_steps, args.iters)
+
+
+if __name__ == "__main__":
+  main()

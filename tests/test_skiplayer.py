@@ -139,3 +139,34 @@ def test_gate_override_and_oracle_threshold():
   np.testing.assert_allclose(oracle.apply({"params": params}, tokens), dense, atol=1e-6)
   oracle = models.build(dataclasses.replace(BASE, oracle_threshold=1e9))
   np.testing.assert_allclose(oracle.apply({"params": params}, tokens), skipped, atol=1e-6)
+
+
+def test_capacity_loss_drives_every_layer_to_target_density():
+  """LtS §2.1: start the routers at r ≈ 0.8 (bias init for P = 0.8) and train with P = 0.2."""
+  import functools
+  import optax
+  from configs import skiplayer
+  from skipjax import data
+  from skipjax.train import step as step_lib
+  from skipjax.train.state import TrainState
+
+  config = skiplayer.get_config("tiny")
+  config.model.update(vocab_size=64, d_model=32, num_heads=2, num_layers=4, d_ff=64)
+  config.data.update(seq_len=32, batch_size=16)
+  start = models.build({**config.model.to_dict(), "skip": {**config.model.skip.to_dict(), "target_density": 0.8}})
+  config.model.skip.update(target_density=0.2, aux_weight=1.0)
+  model = models.build(config.model)
+  tokens = jnp.zeros((1, 32), jnp.int32)
+  params = nn.meta.unbox(start.init({"params": jax.random.key(0), "gate": jax.random.key(1)}, tokens)["params"])
+  tx = optax.adam(3e-3)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  train = jax.jit(functools.partial(step_lib.train_step, model=model, tx=tx))
+  ds = data.get_dataset(config.data, split="train", seed=0)
+  densities = []
+  for i in range(300):
+    batch = {k: v for k, v in ds.batch(i).items() if k in ("inputs", "targets")}
+    state, metrics = train(state, batch, jax.random.key(2))
+    densities.append(np.asarray(metrics["layer_density"]))
+  assert np.all(densities[0] > 0.6), densities[0]
+  final = np.mean(densities[-10:], axis=0)
+  np.testing.assert_allclose(final, 0.2, atol=0.05)

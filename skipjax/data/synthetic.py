@@ -54,12 +54,12 @@ DIFFICULTY_CLASSES = ("easy", "hard", "noise")
 EASY, HARD, NOISE = range(3)
 
 SEGMENT_LEN = 8
-COUNT, RECALL, RANDOM = range(3)  # Segment types; the marker token id = type.
+COUNT, FIB, RANDOM = range(3)  # Segment types; the marker token id = type.
 NUM_MARKERS = 3
 TASKS = {
-    "mixed_difficulty": (COUNT, RECALL, RANDOM),
+    "mixed_difficulty": (COUNT, FIB, RANDOM),
     "counting": (COUNT,),
-    "recall": (RECALL,),
+    "fibonacci": (FIB,),
 }
 TRAIN_SPLIT_ID, EVAL_SPLIT_ID = 0, 1
 EVAL_SEED = 0
@@ -70,61 +70,34 @@ def alphabet_size(vocab_size: int) -> int:
   return (vocab_size - NUM_MARKERS) // 3
 
 
-def _walks(types: np.ndarray, values: np.ndarray,
-           succ: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Walks of the recall segments and which of their steps are recalls.
-
-  Args:
-    types: [B, S] segment type ids.
-    values: [B, S, SEGMENT_LEN] uniform draws in [0, m); values[..., 1] is a
-      walk's start.
-    succ: [B, m] each example's successor function.
-
-  Returns:
-    walk: [B, S, SEGMENT_LEN] x_1 = start, x_j = succ(x_{j-1}) (offsets >= 1).
-    recalled: bool [B, S, SEGMENT_LEN]; whether x_j's step x_{j-1} -> x_j
-      was already taken earlier in the example (in any recall segment).
-  """
-  rows = np.arange(len(types))
-  walk = np.zeros_like(values)
-  recalled = np.zeros(values.shape, bool)
-  seen = np.zeros(succ.shape, bool)
-  walk[..., 1] = values[..., 1]
-  for s in range(types.shape[1]):
-    active = types[:, s] == RECALL
-    for j in range(2, SEGMENT_LEN):
-      prev = walk[:, s, j - 1]
-      walk[:, s, j] = succ[rows, prev]
-      recalled[:, s, j] = seen[rows, prev] & active
-      seen[rows, prev] |= active
-  return walk, recalled
-
-
-def _segments(types: np.ndarray, values: np.ndarray, succ: np.ndarray,
+def _segments(types: np.ndarray, values: np.ndarray, m: int,
               single_type: bool) -> tuple[np.ndarray, np.ndarray]:
   """Builds tokens and token classes for segments.
 
   Args:
-    types: [B, S] segment type ids.
-    values: [B, S, SEGMENT_LEN] uniform draws in [0, m).
-    succ: [B, m] each example's successor function for recall walks.
+    types: [..., S] segment type ids.
+    values: [..., S, SEGMENT_LEN] uniform draws in [0, m).
+    m: alphabet size.
     single_type: whether the task has one segment type (predictable markers).
 
   Returns:
-    tokens, classes: int32 [B, S, SEGMENT_LEN].
+    tokens, classes: int32 [..., S, SEGMENT_LEN].
   """
-  m = succ.shape[1]
-  walk, recalled = _walks(types, values, succ)
+  fib = np.empty_like(values)
+  fib[..., :3] = values[..., :3]
+  for j in range(3, SEGMENT_LEN):
+    fib[..., j] = (fib[..., j - 1] + fib[..., j - 2]) % m
   offsets = np.arange(SEGMENT_LEN)
   count = (values[..., 1:2] + offsets - 1) % m
 
   t = types[..., None]
   tokens = np.where(t == COUNT, NUM_MARKERS + count,
-                    np.where(t == RECALL, NUM_MARKERS + m + walk,
+                    np.where(t == FIB, NUM_MARKERS + m + fib,
                              NUM_MARKERS + 2 * m + values))
   tokens[..., 0] = types
   classes = np.where(t == COUNT, np.where(offsets >= 2, EASY, NOISE),
-                     np.where(recalled, HARD, NOISE))
+                     np.where(t == FIB, np.where(offsets >= 3, HARD, NOISE),
+                              NOISE))
   classes[..., 0] = EASY if single_type else NOISE
   return tokens.astype(np.int32), classes.astype(np.int32)
 
@@ -151,13 +124,11 @@ def generate(task: str, vocab_size: int, length: int, seed: int,
   n_seg = math.ceil(length / SEGMENT_LEN)
   types = np.empty((len(indices), n_seg), np.int64)
   values = np.empty((len(indices), n_seg, SEGMENT_LEN), np.int64)
-  succ = np.empty((len(indices), m), np.int64)
   for row, index in enumerate(indices):
     rng = np.random.default_rng([seed, split_id, int(index)])
     types[row] = kinds[rng.integers(0, len(kinds), n_seg)]
     values[row] = rng.integers(0, m, (n_seg, SEGMENT_LEN))
-    succ[row] = rng.integers(0, m, m)
-  tokens, classes = _segments(types, values, succ, single_type=len(kinds) == 1)
+  tokens, classes = _segments(types, values, m, single_type=len(kinds) == 1)
   flat = (len(indices), n_seg * SEGMENT_LEN)
   return (tokens.reshape(flat)[:, :length], classes.reshape(flat)[:, :length])
 

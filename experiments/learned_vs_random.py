@@ -24,10 +24,10 @@ from skipjax.train.metrics import read_metrics  # noqa: E402
 WIKITEXT = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
 
 
-def datasets():
+def datasets(wikitext: pathlib.Path):
   yield "synthetic", {}
-  if (WIKITEXT / "valid.txt").exists():
-    yield "wikitext2", {"source": f"text:{WIKITEXT / 'valid.txt'}", "eval_source": f"text:{WIKITEXT / 'test.txt'}"}
+  if (wikitext / "valid.txt").exists():
+    yield "wikitext2", {"source": f"text:{wikitext / 'valid.txt'}", "eval_source": f"text:{wikitext / 'test.txt'}"}
 
 
 def run(name: str, data_overrides: dict, router: str, args) -> list:
@@ -45,9 +45,10 @@ def main():
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--steps", type=int, default=600)
   parser.add_argument("--density", type=float, default=0.5)
+  parser.add_argument("--wikitext", default=str(WIKITEXT), help="folder with valid.txt and test.txt")
   args = parser.parse_args()
   results = {}
-  for name, overrides in datasets():
+  for name, overrides in datasets(pathlib.Path(args.wikitext)):
     results[name] = {router: run(name, overrides, router, args) for router in ("gumbel", "random")}
   fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.5), squeeze=False)
   summary = {}

@@ -118,3 +118,43 @@ def routing_trace(trace, path: str, threshold: float = None) -> str:
   if threshold is not None:
     ax.set_title(f"oracle routing, skip when ratio < {threshold:g}")
   return _save(fig, path)
+
+
+def applied_oracle_curve(curves_by_model: dict, path: str, metric: str = "perplexity") -> str:
+  """RR §4.4 applied oracle: cost (`perplexity`, or `drift` for encoders) against the fraction
+  of residual blocks skipped, applied mode (solid) vs simulated decisions forced (dashed).
+
+  `curves_by_model`: {name: `profile.applied_oracle(...)['curve']`}.
+  """
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for k, (name, rows) in enumerate(curves_by_model.items()):
+    color = f"C{k}"
+    for mode, style in (("applied", "o-"), ("simulated", "x--")):
+      pts = sorted((r[mode]["skipped_fraction"], r[mode][metric]) for r in rows if mode in r)
+      if pts:
+        ax.plot(*zip(*pts), style, color=color, label=f"{name} ({mode})", ms=4)
+    for r in rows:
+      if "applied" in r and r["threshold"] > 0 and r["threshold"] < 1e3:
+        ax.annotate(f"{r['threshold']:g}", (r["applied"]["skipped_fraction"], r["applied"][metric]),
+                    fontsize=7, color=color, xytext=(3, 3), textcoords="offset points")
+  if metric == "perplexity":
+    ax.set_yscale("log")
+  ax.set_xlabel("fraction of residual blocks skipped")
+  ax.set_ylabel(metric if metric == "perplexity" else "relative drift of last hidden state")
+  ax.set_title("oracle: skip block when ratio < threshold (labels)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  return _save(fig, path)
+
+
+def median_ratio_by_size(sizes, medians, names, path: str) -> str:
+  """RR Fig. 4 (right): median residual ratio against model size (parameters, log scale)."""
+  fig, ax = plt.subplots(figsize=(5, 4))
+  ax.plot(sizes, medians, "o-")
+  for s, m, n in zip(sizes, medians, names):
+    ax.annotate(n, (s, m), fontsize=7, xytext=(3, 3), textcoords="offset points")
+  ax.set_xscale("log")
+  ax.set_xlabel("parameters")
+  ax.set_ylabel("median residual ratio")
+  ax.grid(alpha=0.3)
+  return _save(fig, path)

@@ -61,6 +61,17 @@ def test_routing_metrics_and_capacity_loss_are_sown():
   assert float(jnp.abs(grads["block_0"]["router"]["kernel"]).sum()) > 0
 
 
+def test_random_gating_baseline_evaluates_at_density_p():
+  """The random baseline draws Bernoulli(P) gates at eval too (no learned argmax to fall back on)."""
+  from skipjax.train import step as step_lib
+  tokens = jax.random.randint(jax.random.key(1), (8, 16), 0, 61)
+  model = models.build(_cfg(router="random", target_density=0.25))
+  batch = {"inputs": tokens, "targets": tokens}
+  out = step_lib.eval_step(_params(model, tokens), batch, jax.random.key(5), model=model)
+  depth = float(out["depth_sum"] / out["count"])  # executed layers per token, E = 3·0.25
+  assert np.isfinite(float(out["nll_sum"])) and abs(depth - 0.75) < 0.2, depth
+
+
 @pytest.mark.parametrize("granularity,batch", [("layer", 1), ("layer", 2), ("block", 1), ("ffn", 2)])
 def test_routed_decoding_equals_full_forward_with_argmax_routing(granularity, batch):
   cfg = _cfg(granularity=granularity, router="top1")  # top1: Eq. 4 output scaling by g

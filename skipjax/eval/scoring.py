@@ -73,7 +73,7 @@ def _bucket(n: int, cap: int) -> int:
 @functools.partial(jax.jit, static_argnames=("model",))
 def _weighted_logprob_sums(params, inputs, targets, weights, *, model: nn.Module) -> jnp.ndarray:
   """Σ_t weights[b, t] · log softmax(logits[b, t])[targets[b, t]] per row."""
-  logits = model.apply({"params": params}, inputs)
+  logits = model.apply({"params": params}, inputs, rngs={"gate": jax.random.key(0)})  # `random` router baseline
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
   return jnp.sum(picked * weights, axis=-1)

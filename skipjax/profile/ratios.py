@@ -4,7 +4,8 @@ Ratios come from the norms every Block sows into `stats` (fp32), so the profiler
 pass of the unchanged model. Array layout everywhere: `[num_layers, 2, batch, seq]` with index
 0 = attention block, 1 = FFN block (RR Fig. 3).
 """
-from typing import Any, Dict, Optional, Sequence
+import functools
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -25,20 +26,25 @@ def ratios_from_stats(stats: Any) -> np.ndarray:
   return np.stack(out, axis=1)
 
 
+@functools.lru_cache(maxsize=32)
+def _stats_fn(model, static: Tuple[Tuple[str, Any], ...], jit: bool) -> Callable:
+  """(params, inputs, args, arrays) → `stats` collection; jitted once per (model, static kwargs)."""
+  def run(params, inputs, args, arrays):
+    _, state = model.apply({"params": params}, inputs, *args, mutable=["stats"], **dict(static), **arrays)
+    return state["stats"]
+  return jax.jit(run) if jit else run
+
+
 def residual_ratios(model, params, inputs, *args, jit: bool = False, **apply_kwargs) -> np.ndarray:
   """RR Eq. 1 for every attention/FFN block and token of `model` on `inputs` → [L, 2, B, T].
 
   `args`/`apply_kwargs` go to `model.apply` (e.g. positions, attention_mask). With `jit=True`
-  array arguments are traced and the others are static.
+  array arguments are traced and the others are static; the compiled function is cached per
+  (model, static arguments), so repeated calls do not recompile.
   """
-  def run(params, inputs, args, arrays):
-    kwargs = {**static, **arrays}
-    _, state = model.apply({"params": params}, inputs, *args, mutable=["stats"], **kwargs)
-    return state["stats"]
-
   arrays = {k: v for k, v in apply_kwargs.items() if isinstance(v, (np.ndarray, jax.Array))}
-  static = {k: v for k, v in apply_kwargs.items() if k not in arrays}
-  stats = (jax.jit(run) if jit else run)(params, inputs, tuple(args), arrays)
+  static = tuple(sorted((k, v) for k, v in apply_kwargs.items() if k not in arrays))
+  stats = _stats_fn(model, static, jit)(params, inputs, tuple(args), arrays)
   return ratios_from_stats(stats)
 
 

@@ -56,7 +56,7 @@ def evaluate(eval_fn, params, eval_ds, num_batches: int, batch_sharding) -> Dict
   n = min(num_batches, eval_ds.num_batches) if eval_ds.num_batches else num_batches
   for i in range(n):
     batch = {k: v for k, v in eval_ds.batch(i).items() if k in ("inputs", "targets", "difficulty")}
-    out = jax.device_get(eval_fn(params, device_batch(batch, batch_sharding)))
+    out = jax.device_get(eval_fn(params, device_batch(batch, batch_sharding), jax.random.key(i)))
     for k, v in out.items():
       totals[k] = totals.get(k, 0.0) + np.asarray(v, np.float64)
   loss = float(totals["nll_sum"] / totals["count"])
@@ -117,7 +117,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                     in_shardings=(state_shardings, batch_sharding, replicated),
                     out_shardings=(state_shardings, replicated), donate_argnums=(0,))
   p_eval = jax.jit(functools.partial(step_lib.eval_step, model=model, num_classes=len(data_lib.DIFFICULTY_CLASSES)),
-                   in_shardings=(state_shardings.params, batch_sharding), out_shardings=replicated)
+                   in_shardings=(state_shardings.params, batch_sharding, replicated), out_shardings=replicated)
 
   cfg = config.train
   start = int(jax.device_get(state.step))

@@ -76,10 +76,13 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, model: nn.Mod
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params: Any, batch: Batch, *, model: nn.Module, num_classes: int = 0) -> Dict[str, jnp.ndarray]:
+def eval_step(params: Any, batch: Batch, rng: Optional[jax.Array] = None, *, model: nn.Module,
+              num_classes: int = 0) -> Dict[str, jnp.ndarray]:
   """Summed NLL and token counts (overall and per difficulty class when the batch has one),
-  and with routing the executed depth per token (deterministic routing: argmax)."""
-  logits, variables = model.apply({"params": params}, batch["inputs"], mutable=["gates"])
+  and with routing the executed depth per token (deterministic routing: argmax; the `random`
+  baseline still draws Bernoulli(P) gates, from `rng`)."""
+  rng = jax.random.key(0) if rng is None else rng
+  logits, variables = model.apply({"params": params}, batch["inputs"], mutable=["gates"], rngs={"gate": rng})
   nll = token_nll(logits, batch["targets"])
   depth = executed_depth(variables.get("gates", {}))
   out = {"nll_sum": jnp.sum(nll), "count": jnp.asarray(nll.size, jnp.float32)}

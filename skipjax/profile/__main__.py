@@ -1,0 +1,21 @@
+"""`python -m skipjax.profile --config=configs/profile.py:<preset> --config.model=DIR[,DIR2] \
+   --config.data=text:GLOB --workdir=DIR`: residual ratios, oracles and figures (see run.py)."""
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Profiling config file (path:preset).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where summary.json, ratios.npz and plots/ go.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from skipjax.profile.run import run  # after flag parsing, so --jax_* flags apply
+  summary = run(_CONFIG.value, _WORKDIR.value)
+  for name, res in summary["models"].items():
+    logging.info("%s: median ratio %.4f; figures: %s", name, res["ratios"]["all"]["median"], summary["figures"])
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -8,9 +8,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def _save(fig, path: str) -> str:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
 def loss_curve(records: Sequence[dict], path: str) -> str:
   """Training loss (and eval loss where logged) against step."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
   fig, ax = plt.subplots(figsize=(6, 4))
   train = [(r["step"], r["loss"]) for r in records if "loss" in r]
   evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
@@ -22,15 +29,11 @@ def loss_curve(records: Sequence[dict], path: str) -> str:
   ax.set_ylabel("loss (nats/token)")
   ax.grid(alpha=0.3)
   ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return _save(fig, path)
 
 
 def depth_by_class(records: Sequence[dict], classes: Sequence[str], path: str) -> str:
   """Mean executed depth per token difficulty class over training (the SkipLayer demo)."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
   fig, ax = plt.subplots(figsize=(6, 4))
   for name in classes:
     pts = [(r["step"], r[f"eval_depth_{name}"]) for r in records if f"eval_depth_{name}" in r]
@@ -41,33 +44,20 @@ def depth_by_class(records: Sequence[dict], classes: Sequence[str], path: str) -
   ax.set_title("executed depth by token difficulty (eval, argmax routing)")
   ax.grid(alpha=0.3)
   ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return _save(fig, path)
 
 
 def skipped_layers_per_token(skipped: Sequence[int], num_layers: int, path: str) -> str:
   """LtS Fig. 7: how many layers each generated token skipped during decoding."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
   fig, ax = plt.subplots(figsize=(6, 3))
   ax.bar(range(len(skipped)), skipped, color="tab:orange")
   ax.set_ylim(0, num_layers)
   ax.set_xlabel("generated token")
   ax.set_ylabel(f"layers skipped (of {num_layers})")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return _save(fig, path)
 
 
 # ----------------------------------------------------------- residual ratio profiling (RR §4)
-def _save(fig, path: str) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
 
 
 def ratio_distributions(ratios_by_model: dict, path: str) -> str:

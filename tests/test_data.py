@@ -84,7 +84,8 @@ def test_synthetic_difficulty_labels_are_right():
   batch = ds.batch(0)
   tokens, cls = _full_tokens(batch), batch["difficulty"]
   m = (config.synthetic_vocab_size - 3) // 3
-  count_lo, fib_lo = 3, 3 + m
+  q = (m + 3) // 4
+  count_lo, sum_lo = 3, 3 + m
 
   def in_alphabet(x, lo):
     return (x >= lo) & (x < lo + m)
@@ -93,27 +94,36 @@ def test_synthetic_difficulty_labels_are_right():
   label = cls[:, 1:]  # Classes of targets that have two predecessors.
   plus_one = (in_alphabet(cur, count_lo) & in_alphabet(prev, count_lo)
               & ((cur - prev) % m == 1))
-  fib_sum = (in_alphabet(cur, fib_lo) & in_alphabet(prev, fib_lo)
-             & in_alphabet(prev2, fib_lo)
-             & ((prev - fib_lo + prev2 - fib_lo) % m == cur - fib_lo))
+  two_sum = (in_alphabet(cur, sum_lo) & in_alphabet(prev, sum_lo)
+             & in_alphabet(prev2, sum_lo)
+             & (prev - sum_lo + prev2 - sum_lo == cur - sum_lo))
   easy, hard, noise = label == 0, label == 1, label == 2
   assert plus_one[easy].all(), "an 'easy' target is not previous + 1"
-  assert fib_sum[hard].all(), "a 'hard' target is not the sum of two before"
-  # Noise targets satisfy either rule only by chance (about 1/m of operands).
+  assert two_sum[hard].all(), "a 'hard' target is not the sum of two before"
+  # Noise targets satisfy either rule only by chance: a count start about 1/m
+  # of the time, an operand equal to the sum of the two before it (only
+  # possible when that sum is < q) a few percent.
   assert plus_one[noise].mean() < 2.0 / m
-  assert fib_sum[noise].mean() < 2.0 / m
+  assert two_sum[noise].mean() < 0.05
+  # Operands stay in [0, q) and no sum wraps around m.
+  sums_alphabet = in_alphabet(batch["targets"], sum_lo)
+  assert (batch["targets"][sums_alphabet & (cls == 2)] - sum_lo < q).all()
+  assert (batch["targets"][cls == 1] - sum_lo <= 4 * (q - 1)).all()
   # Every marker target (ids 0..2) is noise in the mixed task.
   assert (cls[batch["targets"] < 3] == 2).all()
-  # Class shares match the module docstring (25% / 21% / 54%).
+  # Class shares match the module docstring (25% / 12.5% / 62.5%).
   shares = np.bincount(cls.ravel(), minlength=3) / cls.size
-  np.testing.assert_allclose(shares, [6 / 24, 5 / 24, 13 / 24], atol=0.03)
-  # Ideal losses: 0 for easy/hard, log 3 for markers, log m for the rest.
+  np.testing.assert_allclose(shares, [6 / 24, 3 / 24, 15 / 24], atol=0.03)
+  # Ideal losses: 0 for easy/hard, log 3 for markers, log q for operands,
+  # log m for the rest.
   ideal = data.ideal_token_loss(batch["targets"], cls, ds.vocab_size)
   assert (ideal[cls < 2] == 0).all()
   is_marker = batch["targets"] < 3
+  is_operand = sums_alphabet & (cls == 2)
   np.testing.assert_allclose(ideal[is_marker], math.log(3), rtol=1e-6)
-  np.testing.assert_allclose(ideal[(cls == 2) & ~is_marker], math.log(m),
-                             rtol=1e-6)
+  np.testing.assert_allclose(ideal[is_operand], math.log(q), rtol=1e-6)
+  np.testing.assert_allclose(ideal[(cls == 2) & ~is_marker & ~is_operand],
+                             math.log(m), rtol=1e-6)
 
 
 def test_synthetic_noise_tokens_are_uniform():
@@ -121,12 +131,13 @@ def test_synthetic_noise_tokens_are_uniform():
   batch = data.get_dataset(config, seed=1).batch(0)
   m = (config.synthetic_vocab_size - 3) // 3
   targets = batch["targets"]
-  noise = targets[(batch["difficulty"] == 2) & (targets >= 3)]
+  operands = (targets >= 3 + m) & (targets < 3 + 2 * m)  # uniform in [0, q)
+  noise = targets[(batch["difficulty"] == 2) & (targets >= 3) & ~operands]
   counts = np.bincount((noise - 3) % m, minlength=m)
   assert counts.min() > 0.6 * counts.mean()  # Roughly uniform over m.
 
 
-@pytest.mark.parametrize("task", ["counting", "fibonacci"])
+@pytest.mark.parametrize("task", ["counting", "sums"])
 def test_single_type_tasks(task):
   config = make_config(source=f"synthetic:{task}", batch_size=8, seq_len=64)
   batch = data.get_dataset(config).batch(0)

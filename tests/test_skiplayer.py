@@ -61,6 +61,24 @@ def test_routing_metrics_and_capacity_loss_are_sown():
   assert float(jnp.abs(grads["block_0"]["router"]["kernel"]).sum()) > 0
 
 
+@pytest.mark.parametrize("granularity", ["layer", "block"])
+def test_all_routed_skiplayer_equals_the_dense_model(granularity):
+  """Routers forced on (bias +100): every dispatch gives the dense model's logits, training mode."""
+  tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 61)
+  dense_model = models.build(BASE)
+  for method in ("masked", "capacity", "grouped"):
+    model = models.build(_cfg(granularity=granularity, dispatch=method))
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: x.at[..., 1].set(100.0) if "router" in jax.tree_util.keystr(path)
+        and "bias" in jax.tree_util.keystr(path) else x, _params(model, tokens))
+    dense_params = {k: {n: v for n, v in sub.items() if not n.startswith("router")}
+                    if k.startswith("block_") else sub for k, sub in params.items()}
+    assert jax.tree.structure(dense_params) == jax.tree.structure(_params(dense_model, tokens))
+    logits, _ = model.apply({"params": params}, tokens, deterministic=False, rngs={"gate": jax.random.key(5)},
+                            mutable=["gates", "aux_loss"])
+    np.testing.assert_allclose(logits, dense_model.apply({"params": dense_params}, tokens), atol=1e-6)
+
+
 def test_random_gating_baseline_evaluates_at_density_p():
   """The random baseline draws Bernoulli(P) gates at eval too (no learned argmax to fall back on)."""
   from skipjax.train import step as step_lib

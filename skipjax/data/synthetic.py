@@ -1,23 +1,31 @@
 """Embedded synthetic tasks whose tokens need different amounts of compute.
 
-`synthetic:mixed_difficulty` is the project's demo that a learned router
-(LtS) spends depth on hard tokens. Every example is a concatenation of
+`synthetic:mixed_difficulty` is the project's test bed for whether a learned
+router (LtS) spends depth on hard tokens. Every example is a concatenation of
 segments of `SEGMENT_LEN` = 8 tokens, cut to T+1 tokens. A segment starts with
 a marker token naming its type, drawn uniformly from the task's types:
 
   * counting: marker, s, s+1, s+2, ... (mod m) in the *count* alphabet.
     s is uniform ("noise"); every later token is "easy": the previous token
     plus one, i.e. a bigram lookup, no attention and no arithmetic needed.
-  * fibonacci: marker, a, b, a+b, ... with x_j = (x_{j-1} + x_{j-2}) mod m in
-    the *fib* alphabet. a, b are uniform ("noise"); every computed token is
-    "hard": it needs the two previous tokens (one attention hop) and a
-    nonlinear m*m lookup, (x, y) -> (x + y) mod m.
+  * sums: marker, a, b, a+b, c, (a+b)+c, d, ((a+b)+c)+d in the *sum* alphabet:
+    every odd position j >= 3 is x_j = x_{j-1} + x_{j-2}, the sum of the two
+    previous tokens, and the even positions bring fresh operands a, b, c, d,
+    uniform in [0, q) with q = (m + 3) // 4 so that no sum reaches m (no
+    wrap-around). Operands are "noise"; the three sums are "hard": each needs
+    the token two back (an attention hop) combined with the current one by an
+    (x, y) -> x + y lookup in the MLP, whereas an easy token is a bigram that
+    the embeddings alone can predict. Sums without a modulus keep a
+    first-order signal (the sum grows with either operand), so small models
+    learn them in a few hundred steps; a modular sum (x + y) mod m has none
+    (it is independent of each operand alone) and stayed at chance for all
+    400-600 steps of our tiny runs, which left nothing for a router to exploit.
   * noise: marker, then 7 uniform tokens of the *noise* alphabet ("noise":
     unpredictable whatever the compute).
 
-Vocabulary (V = `synthetic_vocab_size`, m = (V - 3) // 3; V=64 gives m=20):
-ids 0, 1, 2 are the counting/fibonacci/noise markers; ids [3, 3+m) the count
-alphabet, [3+m, 3+2m) the fib alphabet, [3+2m, 3+3m) the noise alphabet; ids
+Vocabulary (V = `synthetic_vocab_size`, m = (V - 3) // 3; V=64 gives m=20,
+q=5): ids 0, 1, 2 are the counting/sums/noise markers; ids [3, 3+m) the count
+alphabet, [3+m, 3+2m) the sum alphabet, [3+2m, 3+3m) the noise alphabet; ids
 >= 3+3m are never used. The alphabets are disjoint, so a token's class is
 determined by the task, not by guessing which segment it is in.
 
@@ -25,17 +33,18 @@ Difficulty classes (`DIFFICULTY_CLASSES`, index = class id) label every
 TARGET token. Ideal cross-entropy (nats) of a model that knows the rules:
 
   easy   0              (count continuation)
-  hard   0              (Fibonacci sum, computable from the context)
-  noise  log(m)         for uniform tokens (start values, operands, noise);
+  hard   0              (sum, computable from the context)
+  noise  log(q)         for operands of a sum;
+         log(m)         for other uniform tokens (count starts, noise);
          log(n_types)   for markers: segments have a fixed length so a marker's
                         position is known, only its type is random
                         (log 3 = 1.0986 for mixed_difficulty).
 
-In single-type tasks (`synthetic:counting`, `synthetic:fibonacci`) a marker is
+In single-type tasks (`synthetic:counting`, `synthetic:sums`) a marker is
 fully predictable and is labelled "easy" (ideal loss 0). `ideal_token_loss`
 returns this ideal loss per target token. For any V the expected class shares
-of mixed_difficulty targets are easy 6/24 = 25%, hard 5/24 = 21%, noise
-13/24 = 54% (noise: 3/13 markers, 10/13 uniform tokens).
+of mixed_difficulty targets are easy 6/24 = 25%, hard 3/24 = 12.5%, noise
+15/24 = 62.5% (noise: 3/15 markers, 4/15 operands, 8/15 other uniform tokens).
 
 Generation is a pure function of (seed, split, example index): example i uses
 `np.random.default_rng([seed, split_id, i])`, so batch row r of step s (global
@@ -54,15 +63,18 @@ DIFFICULTY_CLASSES = ("easy", "hard", "noise")
 EASY, HARD, NOISE = range(3)
 
 SEGMENT_LEN = 8
-COUNT, FIB, RANDOM = range(3)  # Segment types; the marker token id = type.
+COUNT, SUMS, RANDOM = range(3)  # Segment types; the marker token id = type.
 NUM_MARKERS = 3
 TASKS = {
-    "mixed_difficulty": (COUNT, FIB, RANDOM),
+    "mixed_difficulty": (COUNT, SUMS, RANDOM),
     "counting": (COUNT,),
-    "fibonacci": (FIB,),
+    "sums": (SUMS,),
 }
 TRAIN_SPLIT_ID, EVAL_SPLIT_ID = 0, 1
 EVAL_SEED = 0
+
+
+SUM_POSITIONS = (3, 5, 7)  # Hard positions of a sums segment; 1, 2, 4, 6 hold operands.
 
 
 def alphabet_size(vocab_size: int) -> int:
@@ -70,33 +82,39 @@ def alphabet_size(vocab_size: int) -> int:
   return (vocab_size - NUM_MARKERS) // 3
 
 
-def _segments(types: np.ndarray, values: np.ndarray, m: int,
-              single_type: bool) -> tuple[np.ndarray, np.ndarray]:
+def operand_range(m: int) -> int:
+  """q: operands of a sums segment are uniform in [0, q); 4 of them sum to at most m - 1."""
+  return (m + 3) // 4
+
+
+def _segments(types: np.ndarray, values: np.ndarray, operands: np.ndarray,
+              m: int, single_type: bool) -> tuple[np.ndarray, np.ndarray]:
   """Builds tokens and token classes for segments.
 
   Args:
     types: [..., S] segment type ids.
     values: [..., S, SEGMENT_LEN] uniform draws in [0, m).
+    operands: [..., S, SEGMENT_LEN] uniform draws in [0, q) (sums operands).
     m: alphabet size.
     single_type: whether the task has one segment type (predictable markers).
 
   Returns:
     tokens, classes: int32 [..., S, SEGMENT_LEN].
   """
-  fib = np.empty_like(values)
-  fib[..., :3] = values[..., :3]
-  for j in range(3, SEGMENT_LEN):
-    fib[..., j] = (fib[..., j - 1] + fib[..., j - 2]) % m
+  sums = operands.copy()
+  for j in SUM_POSITIONS:
+    sums[..., j] = sums[..., j - 1] + sums[..., j - 2]
   offsets = np.arange(SEGMENT_LEN)
   count = (values[..., 1:2] + offsets - 1) % m
 
   t = types[..., None]
   tokens = np.where(t == COUNT, NUM_MARKERS + count,
-                    np.where(t == FIB, NUM_MARKERS + m + fib,
+                    np.where(t == SUMS, NUM_MARKERS + m + sums,
                              NUM_MARKERS + 2 * m + values))
   tokens[..., 0] = types
+  is_sum = np.isin(offsets, SUM_POSITIONS)
   classes = np.where(t == COUNT, np.where(offsets >= 2, EASY, NOISE),
-                     np.where(t == FIB, np.where(offsets >= 3, HARD, NOISE),
+                     np.where(t == SUMS, np.where(is_sum, HARD, NOISE),
                               NOISE))
   classes[..., 0] = EASY if single_type else NOISE
   return tokens.astype(np.int32), classes.astype(np.int32)
@@ -124,11 +142,13 @@ def generate(task: str, vocab_size: int, length: int, seed: int,
   n_seg = math.ceil(length / SEGMENT_LEN)
   types = np.empty((len(indices), n_seg), np.int64)
   values = np.empty((len(indices), n_seg, SEGMENT_LEN), np.int64)
+  operands = np.empty_like(values)
   for row, index in enumerate(indices):
     rng = np.random.default_rng([seed, split_id, int(index)])
     types[row] = kinds[rng.integers(0, len(kinds), n_seg)]
     values[row] = rng.integers(0, m, (n_seg, SEGMENT_LEN))
-  tokens, classes = _segments(types, values, m, single_type=len(kinds) == 1)
+    operands[row] = rng.integers(0, operand_range(m), (n_seg, SEGMENT_LEN))
+  tokens, classes = _segments(types, values, operands, m, single_type=len(kinds) == 1)
   flat = (len(indices), n_seg * SEGMENT_LEN)
   return (tokens.reshape(flat)[:, :length], classes.reshape(flat)[:, :length])
 
@@ -145,12 +165,16 @@ def ideal_token_loss(targets: np.ndarray, difficulty: np.ndarray,
     task: the synthetic task name.
 
   Returns:
-    float32 [B, T]: 0 for easy/hard, log(n_types) for marker targets and
-    log(m) for other noise targets (see the module docstring).
+    float32 [B, T]: 0 for easy/hard, log(n_types) for marker targets,
+    log(q) for sums operands and log(m) for other noise targets (see the
+    module docstring).
   """
+  m = alphabet_size(vocab_size)
   marker_loss = math.log(len(TASKS[task]))
+  is_operand = (targets >= NUM_MARKERS + m) & (targets < NUM_MARKERS + 2 * m)
   noise_loss = np.where(targets < NUM_MARKERS, marker_loss,
-                        math.log(alphabet_size(vocab_size)))
+                        np.where(is_operand, math.log(operand_range(m)),
+                                 math.log(m)))
   return np.where(difficulty == NOISE, noise_loss, 0.0).astype(np.float32)
 
 

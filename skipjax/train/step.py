@@ -77,12 +77,14 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, model: nn.Mod
 
 
 def eval_step(params: Any, batch: Batch, rng: Optional[jax.Array] = None, *, model: nn.Module,
-              num_classes: int = 0) -> Dict[str, jnp.ndarray]:
+              num_classes: int = 0, deterministic: bool = True) -> Dict[str, jnp.ndarray]:
   """Summed NLL and token counts (overall and per difficulty class when the batch has one),
-  and with routing the executed depth per token (deterministic routing: argmax; the `random`
-  baseline still draws Bernoulli(P) gates, from `rng`)."""
-  rng = jax.random.key(0) if rng is None else rng
-  logits, variables = model.apply({"params": params}, batch["inputs"], mutable=["gates"], rngs={"gate": rng})
+  and with routing the executed depth per token. Routing is deterministic (argmax) unless
+  `deterministic=False` (gates sampled as in training, from `rng`; also enables dropout); the
+  `random` baseline always draws Bernoulli(P) gates from `rng`."""
+  gate_rng, dropout_rng = jax.random.split(jax.random.key(0) if rng is None else rng)
+  logits, variables = model.apply({"params": params}, batch["inputs"], deterministic=deterministic,
+                                  mutable=["gates"], rngs={"gate": gate_rng, "dropout": dropout_rng})
   nll = token_nll(logits, batch["targets"])
   depth = executed_depth(variables.get("gates", {}))
   out = {"nll_sum": jnp.sum(nll), "count": jnp.asarray(nll.size, jnp.float32)}

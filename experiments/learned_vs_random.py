@@ -54,6 +54,10 @@ def _floats(csv: str) -> list:
 ROUTERS = {"gumbel": "learned (ST-Gumbel)", "random": "random gating", "none": "dense, L·P layers"}
 
 
+def _workdir(args, name: str, density: float, router: str) -> str:
+  return os.path.join(args.workdir, f"{name}_P{density:g}_{router}")
+
+
 def run(name: str, data_overrides: dict, router: str, density: float, args) -> list:
   config = skiplayer.get_config("tiny")
   config.data.update(data_overrides)
@@ -63,7 +67,7 @@ def run(name: str, data_overrides: dict, router: str, density: float, args) -> l
   else:
     config.model.skip.update(router=router, target_density=density)
   config.train.update(num_steps=args.steps, eval_every_steps=max(args.steps // 6, 1), progress_bar=False)
-  workdir = os.path.join(args.workdir, f"{name}_P{density:g}_{router}")
+  workdir = _workdir(args, name, density, router)
   loop.train_and_evaluate(config, workdir)
   return [r for r in read_metrics(workdir) if "eval_loss" in r]
 
@@ -105,8 +109,7 @@ def main():
     ax.set_ylabel("eval loss (nats/token)")
     ax.legend()
     summary[f"{name}_P{density:g}"] = {router: _rounded(records[-1]) for router, records in by_router.items()}
-    gumbel_dir = os.path.join(args.workdir, f"{name}_P{density:g}_gumbel")
-    summary[f"{name}_P{density:g}"]["gumbel_sampled"] = _rounded(sampled_eval(gumbel_dir))
+    summary[f"{name}_P{density:g}"]["gumbel_sampled"] = _rounded(sampled_eval(_workdir(args, name, density, "gumbel")))
   fig.tight_layout()
   fig.savefig(os.path.join(args.workdir, "learned_vs_random.png"), dpi=120)
   with open(os.path.join(args.workdir, "learned_vs_random.json"), "w", encoding="utf-8") as f:

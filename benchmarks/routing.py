@@ -8,7 +8,9 @@
    from the random-gating router (Bernoulli(P)), so every dispatch computes the same tokens and
    timing does not depend on training; the learned routers cost one [d, 2] matmul more.
 2. Batch-1 decode time per token of SkipLayer(2L, 50%) vs dense(L) with the KV cache (LtS Fig. 4c):
-   top-1 routers with random weights give mixed per-token decisions; the routed fraction is printed.
+   random-gating routers (Bernoulli(0.5) per token and layer, a fresh key per step) decide, so
+   half of the token-layers run; each layer's Q/attention/FFN sit in a `lax.cond`. The routed
+   fraction is printed.
 All ratios are measured in one run, on one device.
 """
 import argparse
@@ -66,18 +68,17 @@ def decode_time(cfg, steps, iters):
   model = models.build(cfg)
   zeros = jnp.zeros((1, cfg.max_len), jnp.int32)
   params = nn.meta.unbox(model.init({"params": jax.random.key(0), "gate": jax.random.key(1)}, zeros)["params"])
-  params = jax.tree_util.tree_map_with_path(  # random router weights: mixed argmax decisions
-      lambda path, x: jax.random.normal(jax.random.key(3), x.shape) if "router" in jax.tree_util.keystr(path) else x, params)
   cache = model.init(jax.random.key(0), zeros, decode=True)["cache"]
 
   @jax.jit
   def generate(params, cache):
-    def body(carry, _):
+    def body(carry, step):
       cache, tok = carry
-      logits, state = model.apply({"params": params, "cache": cache}, tok, decode=True, mutable=["cache", "gates"])
+      logits, state = model.apply({"params": params, "cache": cache}, tok, decode=True, mutable=["cache", "gates"],
+                                  rngs={"gate": jax.random.fold_in(jax.random.key(2), step)})
       executed = sum((jnp.sum(m) for m in jax.tree.leaves(state.get("gates", {}))), jnp.zeros(()))
       return (state["cache"], jnp.argmax(logits, -1).astype(jnp.int32)), executed
-    (_, last), executed = jax.lax.scan(body, (cache, jnp.zeros((1, 1), jnp.int32)), None, length=steps)
+    (_, last), executed = jax.lax.scan(body, (cache, jnp.zeros((1, 1), jnp.int32)), jnp.arange(steps))
     return executed, last  # `last` depends on every step, so nothing is dead code
 
   seconds = _time(generate, params, cache, iters=iters)
@@ -110,7 +111,7 @@ def train_table(p, tokens, iters):
 def decode_row(p, steps, iters):
   half = max(p["layers"] // 2, 1)
   t_dense, _ = decode_time(_config(p, half), steps, iters)
-  t_skip, routed = decode_time(_config(p, 2 * half, "top1", "masked", 0.5), steps, iters)
+  t_skip, routed = decode_time(_config(p, 2 * half, "random", "masked", 0.5), steps, iters)
   print(f"\n## batch-1 decode per token: dense(L={half}) {t_dense * 1e3:.3f} ms, "
         f"SkipLayer(L={2 * half}, routed {routed:.2f}) {t_skip * 1e3:.3f} ms, ratio {t_skip / t_dense:.2f}×")
 

@@ -19,7 +19,7 @@ def model_config() -> ml_collections.ConfigDict:
       dropout_rate=0.0, dtype="float32", scan_layers=False, remat=False,
       skip=ml_collections.ConfigDict(dict(
           router="none", dispatch="masked", target_density=1.0, granularity="layer",
-          gsize=64, capacity_factor=1.25, aux_weight=0.1, temperature=1.0)),
+          gsize=64, capacity_factor=1.25, aux_weight=0.1, temperature=1.0, density_warmup_steps=0)),
   ))
 
 

@@ -1,7 +1,8 @@
 """SkipLayer LMs (LtS §2–3) and their baselines, as config options of the one decoder.
 
 Presets (`--config=configs/skiplayer.py:<preset>`):
-  tiny                     CPU demo: 8 layers, P = 0.5, ST-Gumbel routers, synthetic task
+  tiny                     CPU demo: 8 layers, P = 0.5, ST-Gumbel routers, synthetic task, untied
+                           head, 200-step dense-to-sparse density warm-up (all tiny_* presets)
   tiny_random              same shape, random gating (LtS "Rand" baseline)
   tiny_dense               Standard dense model of the same width with L·P layers
   tiny_wideffn             WideFFN: 2× FFN, routing only the FFN block
@@ -41,6 +42,12 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   _skip(config, router="gumbel", dispatch="masked", target_density=0.5, granularity="layer",
         aux_weight=0.1, temperature=1.0, gsize=32, capacity_factor=1.25)
   match = re.fullmatch(r"(lts|cpu)_L(\d+)_P([0-9.]+)", preset)
+  if preset.startswith("tiny"):
+    # Untied head: count continuations and noise then need no layer, so the depth a router can
+    # save is the easy and noise tokens'. Dense-to-sparse warm-up (routing.scheduled_density):
+    # without it, at P = 0.125 the routers drop the hard tokens before any layer has learned them.
+    config.model.update(tie_embeddings=False)
+    _skip(config, density_warmup_steps=200)
   if preset == "tiny":
     pass
   elif preset == "tiny_random":

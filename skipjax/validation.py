@@ -41,6 +41,11 @@ def validate_model(m) -> None:
   _require(s.gsize >= 1, f"config.model.skip.gsize={s.gsize} must be >= 1")
   _require(s.capacity_factor > 0, f"config.model.skip.capacity_factor={s.capacity_factor} must be > 0")
   _require(s.temperature > 0, f"config.model.skip.temperature={s.temperature} must be > 0")
+  warmup = s.get("density_warmup_steps", 0)
+  _require(warmup >= 0, f"config.model.skip.density_warmup_steps={warmup} must be >= 0")
+  _require(not (warmup and s.dispatch == "capacity"),
+           "config.model.skip.density_warmup_steps > 0 needs dispatch 'masked' or 'grouped': 'capacity' "
+           "sizes its static slots from the final P and would drop the warm-up's extra tokens")
 
 
 def validate_data(d, model) -> None:

@@ -182,6 +182,7 @@ def test_capacity_loss_drives_every_layer_to_target_density():
   config = skiplayer.get_config("tiny")
   config.model.update(vocab_size=64, d_model=32, num_heads=2, num_layers=4, d_ff=64)
   config.data.update(seq_len=32, batch_size=16)
+  config.model.skip.update(density_warmup_steps=0)  # LtS: P from step 0
   start = models.build({**config.model.to_dict(), "skip": {**config.model.skip.to_dict(), "target_density": 0.8}})
   config.model.skip.update(target_density=0.2, aux_weight=1.0)
   model = models.build(config.model)
@@ -199,3 +200,38 @@ def test_capacity_loss_drives_every_layer_to_target_density():
   assert np.all(densities[0] > 0.6), densities[0]
   final = np.mean(densities[-10:], axis=0)
   np.testing.assert_allclose(final, 0.2, atol=0.05)
+
+
+def test_density_warmup_anneals_the_target_from_dense_to_p():
+  """`skip.density_warmup_steps`: P_t = P + (1 − P)(1 − t/N), then P; in the capacity loss and for
+  random gating, and the router's bias starts at the warm-up's start (σ(logit 0.99))."""
+  from skipjax import routing
+  from skipjax.train import step as step_lib
+  from skipjax.train.state import TrainState
+  import optax
+
+  np.testing.assert_allclose([routing.scheduled_density(t, 0.25, 100) for t in (0, 50, 100, 400)],
+                             [1.0, 0.625, 0.25, 0.25], rtol=1e-6)
+  assert float(routing.scheduled_density(7, 0.25, 0)) == 0.25
+  tokens = jax.random.randint(jax.random.key(1), (8, 16), 0, 61)
+  batch = {"inputs": tokens, "targets": tokens}
+  tx = optax.sgd(0.0)
+  for router in ("gumbel", "random"):
+    model = models.build(_cfg(router=router, target_density=0.25, density_warmup_steps=100))
+    params = _params(model, tokens)
+    if router == "gumbel":
+      np.testing.assert_allclose(params["block_0"]["router"]["bias"], [0.0, np.log(99.0)], rtol=1e-5)
+    for step, expected in ((0, 1.0), (50, 0.625), (100, 0.25)):
+      state = TrainState(step=jnp.asarray(step, jnp.int32), params=params, opt_state=tx.init(params))
+      _, metrics = step_lib.train_step(state, batch, jax.random.key(2), model=model, tx=tx)
+      r = np.asarray(metrics["layer_density"])
+      if router == "random":  # Bernoulli(P_t) gates
+        np.testing.assert_allclose(r, expected, atol=0.15)
+      else:  # λ Σ (r_i − P_t)² with r_i measured
+        np.testing.assert_allclose(float(metrics["aux_loss"]), 0.1 * np.sum((r - expected) ** 2), rtol=1e-4)
+  with pytest.raises(ValueError, match="density_warmup_steps"):
+    from configs import skiplayer
+    from skipjax import validation
+    config = skiplayer.get_config("tiny")
+    config.model.skip.update(dispatch="capacity", density_warmup_steps=10)
+    validation.validate(config, 1)

@@ -8,31 +8,31 @@ a marker token naming its type, drawn uniformly from the task's types:
   * counting: marker, s, s+1, s+2, ... (mod m) in the *count* alphabet.
     s is uniform ("noise"); every later token is "easy": the previous token
     plus one, i.e. a bigram lookup, no attention and no arithmetic needed.
-  * sums: marker, a, b, a+b, c, (a+b)+c, d, ((a+b)+c)+d in the *sum* alphabet:
-    every odd position j >= 3 is x_j = x_{j-1} + x_{j-2}, the sum of the two
-    previous tokens, and the even positions bring fresh operands a, b, c, d,
-    uniform in [0, q) with q = (m + 3) // 4 so that no sum reaches m (no
-    wrap-around). Operands are "noise"; the three sums are "hard": each needs
-    the token two back (an attention hop) combined with the current one by an
-    (x, y) -> x + y lookup in the MLP, whereas an easy token is a bigram that
-    the embeddings alone can predict. Sums without a modulus keep a
-    first-order signal (the sum grows with either operand), so small models
-    learn them in a few hundred steps; a modular sum (x + y) mod m has none
-    (it is independent of each operand alone) and stayed at chance for all
-    400-600 steps of our tiny runs, which left nothing for a router to exploit.
+  * sums: marker, a, b, =, a+b, c, =, (a+b)+c in the *sum* alphabet, with
+    the `=` token (id 3) cueing each sum. Operands a, b, c are uniform in
+    [0, q) with q = (m + 2) // 3 so that no sum reaches m (no wrap-around),
+    and are "noise"; each `=` is "easy" (fixed by the segment position); the
+    two sums are "hard": predicting a sum at the `=` input needs the two
+    tokens before it (an attention hop) combined by an (x, y) -> x + y lookup
+    in the MLP. Whether the next token is hard is thus visible in the current
+    token itself, which is what a per-token router (LtS Eq. 3) sees. Sums
+    without a modulus keep a first-order signal (the sum grows with either
+    operand), so small models learn them in a few hundred steps; a modular sum
+    (x + y) mod m has none (it is independent of each operand alone) and
+    stayed at chance for all 400-600 steps of our tiny runs.
   * noise: marker, then 7 uniform tokens of the *noise* alphabet ("noise":
     unpredictable whatever the compute).
 
-Vocabulary (V = `synthetic_vocab_size`, m = (V - 3) // 3; V=64 gives m=20,
-q=5): ids 0, 1, 2 are the counting/sums/noise markers; ids [3, 3+m) the count
-alphabet, [3+m, 3+2m) the sum alphabet, [3+2m, 3+3m) the noise alphabet; ids
->= 3+3m are never used. The alphabets are disjoint, so a token's class is
+Vocabulary (V = `synthetic_vocab_size`, m = (V - 4) // 3; V=64 gives m=20,
+q=7): ids 0, 1, 2 are the counting/sums/noise markers, id 3 is `=`; ids
+[4, 4+m) the count alphabet, [4+m, 4+2m) the sum alphabet, [4+2m, 4+3m) the
+noise alphabet; ids >= 4+3m are never used. The alphabets are disjoint, so a token's class is
 determined by the task, not by guessing which segment it is in.
 
 Difficulty classes (`DIFFICULTY_CLASSES`, index = class id) label every
 TARGET token. Ideal cross-entropy (nats) of a model that knows the rules:
 
-  easy   0              (count continuation)
+  easy   0              (count continuation, `=`)
   hard   0              (sum, computable from the context)
   noise  log(q)         for operands of a sum;
          log(m)         for other uniform tokens (count starts, noise);
@@ -43,8 +43,8 @@ TARGET token. Ideal cross-entropy (nats) of a model that knows the rules:
 In single-type tasks (`synthetic:counting`, `synthetic:sums`) a marker is
 fully predictable and is labelled "easy" (ideal loss 0). `ideal_token_loss`
 returns this ideal loss per target token. For any V the expected class shares
-of mixed_difficulty targets are easy 6/24 = 25%, hard 3/24 = 12.5%, noise
-15/24 = 62.5% (noise: 3/15 markers, 4/15 operands, 8/15 other uniform tokens).
+of mixed_difficulty targets are easy 8/24 = 33.3%, hard 2/24 = 8.3%, noise
+14/24 = 58.3% (noise: 3/14 markers, 3/14 operands, 8/14 other uniform tokens).
 
 Generation is a pure function of (seed, split, example index): example i uses
 `np.random.default_rng([seed, split_id, i])`, so batch row r of step s (global
@@ -65,6 +65,8 @@ EASY, HARD, NOISE = range(3)
 SEGMENT_LEN = 8
 COUNT, SUMS, RANDOM = range(3)  # Segment types; the marker token id = type.
 NUM_MARKERS = 3
+EQUALS = NUM_MARKERS  # The `=` token that cues a sum.
+ALPHABET_START = NUM_MARKERS + 1
 TASKS = {
     "mixed_difficulty": (COUNT, SUMS, RANDOM),
     "counting": (COUNT,),
@@ -74,17 +76,19 @@ TRAIN_SPLIT_ID, EVAL_SPLIT_ID = 0, 1
 EVAL_SEED = 0
 
 
-SUM_POSITIONS = (3, 5, 7)  # Hard positions of a sums segment; 1, 2, 4, 6 hold operands.
+# Sums segment: marker, a, b, =, a+b, c, =, a+b+c.
+EQUALS_POSITIONS = (3, 6)
+SUM_POSITIONS = (4, 7)  # Hard: the sum of the two tokens before the `=` that precedes it.
 
 
 def alphabet_size(vocab_size: int) -> int:
   """m: the size of each of the three value alphabets."""
-  return (vocab_size - NUM_MARKERS) // 3
+  return (vocab_size - ALPHABET_START) // 3
 
 
 def operand_range(m: int) -> int:
-  """q: operands of a sums segment are uniform in [0, q); 4 of them sum to at most m - 1."""
-  return (m + 3) // 4
+  """q: operands of a sums segment are uniform in [0, q); 3 of them sum to at most m - 1."""
+  return (m + 2) // 3
 
 
 def _segments(types: np.ndarray, values: np.ndarray, operands: np.ndarray,
@@ -103,19 +107,20 @@ def _segments(types: np.ndarray, values: np.ndarray, operands: np.ndarray,
   """
   sums = operands.copy()
   for j in SUM_POSITIONS:
-    sums[..., j] = sums[..., j - 1] + sums[..., j - 2]
+    sums[..., j] = sums[..., j - 2] + sums[..., j - 3]
   offsets = np.arange(SEGMENT_LEN)
   count = (values[..., 1:2] + offsets - 1) % m
 
   t = types[..., None]
-  tokens = np.where(t == COUNT, NUM_MARKERS + count,
-                    np.where(t == SUMS, NUM_MARKERS + m + sums,
-                             NUM_MARKERS + 2 * m + values))
+  is_sum, is_equals = np.isin(offsets, SUM_POSITIONS), np.isin(offsets, EQUALS_POSITIONS)
+  sums_segment = np.where(is_equals, EQUALS, ALPHABET_START + m + sums)
+  tokens = np.where(t == COUNT, ALPHABET_START + count,
+                    np.where(t == SUMS, sums_segment,
+                             ALPHABET_START + 2 * m + values))
   tokens[..., 0] = types
-  is_sum = np.isin(offsets, SUM_POSITIONS)
+  sums_classes = np.where(is_sum, HARD, np.where(is_equals, EASY, NOISE))
   classes = np.where(t == COUNT, np.where(offsets >= 2, EASY, NOISE),
-                     np.where(t == SUMS, np.where(is_sum, HARD, NOISE),
-                              NOISE))
+                     np.where(t == SUMS, sums_classes, NOISE))
   classes[..., 0] = EASY if single_type else NOISE
   return tokens.astype(np.int32), classes.astype(np.int32)
 
@@ -171,7 +176,7 @@ def ideal_token_loss(targets: np.ndarray, difficulty: np.ndarray,
   """
   m = alphabet_size(vocab_size)
   marker_loss = math.log(len(TASKS[task]))
-  is_operand = (targets >= NUM_MARKERS + m) & (targets < NUM_MARKERS + 2 * m)
+  is_operand = (targets >= ALPHABET_START + m) & (targets < ALPHABET_START + 2 * m)
   noise_loss = np.where(targets < NUM_MARKERS, marker_loss,
                         np.where(is_operand, math.log(operand_range(m)),
                                  math.log(m)))

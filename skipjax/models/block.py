@@ -52,8 +52,9 @@ class Block(nn.Module):
     self.dropout = nn.Dropout(cfg.dropout_rate)
     s = cfg.skip
     if s.router != "none":
-      make = lambda name: routing.Router(kind=s.router, temperature=s.temperature,
-                                         target_density=s.target_density, name=name)
+      init_density = 0.99 if s.density_warmup_steps > 0 else None  # P_0 = 1, kept off σ's flat tail
+      make = lambda name: routing.Router(kind=s.router, temperature=s.temperature, target_density=s.target_density,
+                                         init_density=init_density, name=name)
       if s.granularity == "layer":
         self.router = make("router")
       else:
@@ -78,21 +79,22 @@ class Block(nn.Module):
       return self.get_variable("gate_override", name)
     return None
 
-  def _gate(self, name: str, x: jnp.ndarray) -> Optional[routing.Gate]:
+  def _gate(self, name: str, x: jnp.ndarray, density=None) -> Optional[routing.Gate]:
     """The router's gate for `name`, replaced by a `gate_override` mask when one is given."""
     override = self._override(name)
     if override is not None:
       return routing.fixed_gate(override)
     router = self._router(name)
-    return None if router is None else router(x, self.deterministic)
+    return None if router is None else router(x, self.deterministic, density)
 
-  def _sow_routing(self, name: str, gate: routing.Gate, d: routing.Dispatched) -> None:
+  def _sow_routing(self, name: str, gate: routing.Gate, d: routing.Dispatched, density=None) -> None:
     self.sow("gates", f"{name}_mask", d.mask)
     self.sow("gates", f"{name}_density", d.metrics["routed_fraction"])
     self.sow("gates", f"{name}_dropped_fraction", d.metrics["dropped_fraction"])
     s = self.config.skip
     if s.router in LEARNED_ROUTERS and self._override(name) is None:
-      loss = routing.capacity_loss([gate.probs], [gate.mask], s.target_density)
+      target = s.target_density if density is None else density
+      loss = routing.capacity_loss([gate.probs], [gate.mask], target)
       self.sow("aux_loss", f"{name}_capacity_loss", s.aux_weight * loss)
 
   def _dispatch(self, fn: Callable, x: jnp.ndarray, gate: routing.Gate) -> routing.Dispatched:
@@ -123,10 +125,10 @@ class Block(nn.Module):
       return self.attn.attend(self._pre(self.ln_attn, x_sel), q_pos, k, v, positions, kv_valid)
     return attention
 
-  def _residual(self, name: str, x, positions, kv_valid, layer_index):
+  def _residual(self, name: str, x, positions, kv_valid, layer_index, density=None):
     """One residual block, y = x + m ⊙ R(x) (post-LN: LN(x + R(x)) where m = 1)."""
     fn = self._branch(name, x, positions, kv_valid, layer_index)
-    gate = self._gate(name, x)
+    gate = self._gate(name, x, density)
     if gate is None or self.config.norm == "post":
       r = fn(x, *_all_tokens(x))
       self._record(name, x, r)
@@ -138,7 +140,7 @@ class Block(nn.Module):
       self.sow("gates", f"{name}_mask", m)
       return jnp.where(m[..., None] > 0, y, x)
     d = self._dispatch(fn, x, gate)
-    self._sow_routing(name, gate, d)
+    self._sow_routing(name, gate, d, density)
     r = self.dropout(d.output, deterministic=self.deterministic)
     return routing.gated_residual(x, r, gate, d.mask)
 
@@ -155,9 +157,9 @@ class Block(nn.Module):
       self.sow("stats", f"{name}_input_norm", _token_norm(x))
       self.sow("stats", f"{name}_residual_norm", _token_norm(r))
 
-  def _skip_layer(self, x, positions, kv_valid, layer_index):
+  def _skip_layer(self, x, positions, kv_valid, layer_index, density=None):
     """LtS §2.3 / Alg. 1: the whole layer F(x) runs only for routed tokens (Eq. 1/4)."""
-    gate = self._gate("layer", x)
+    gate = self._gate("layer", x, density)
     attention = self._branch("attn", x, positions, kv_valid, layer_index)
 
     def layer(x_sel, idx, valid):
@@ -165,15 +167,19 @@ class Block(nn.Module):
       return h + self.mlp(self.ln_ffn(h), layer_index)
 
     d = self._dispatch(layer, x, gate)
-    self._sow_routing("layer", gate, d)
+    self._sow_routing("layer", gate, d, density)
     return routing.gated_layer_output(x, self.dropout(d.output, deterministic=self.deterministic), gate, d.mask)
 
-  def __call__(self, x, positions, kv_valid=None, layer_index=0):
-    """Full-sequence forward. x [B,T,d], positions [B,T], kv_valid [B,T] or None."""
+  def __call__(self, x, positions, kv_valid=None, layer_index=0, density=None):
+    """Full-sequence forward. x [B,T,d], positions [B,T], kv_valid [B,T] or None.
+
+    `density`: the scheduled target density P_t (`routing.scheduled_density`) for the capacity
+    loss and random gating; None means `config.skip.target_density`.
+    """
     if self._router("layer") is not None:
-      return self._skip_layer(x, positions, kv_valid, layer_index)
-    x = self._residual("attn", x, positions, kv_valid, layer_index)
-    return self._residual("ffn", x, positions, kv_valid, layer_index)
+      return self._skip_layer(x, positions, kv_valid, layer_index, density)
+    x = self._residual("attn", x, positions, kv_valid, layer_index, density)
+    return self._residual("ffn", x, positions, kv_valid, layer_index, density)
 
   # -- decoding (LtS Alg. 2) -----------------------------------------------------------------
 

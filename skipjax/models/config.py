@@ -18,6 +18,7 @@ class SkipConfig:
   capacity_factor: float = 1.25
   aux_weight: float = 0.1         # lambda
   temperature: float = 1.0
+  density_warmup_steps: int = 0   # dense-to-sparse: P_t anneals 1 -> P over these steps (0: LtS)
 
 
 @dataclasses.dataclass(frozen=True)

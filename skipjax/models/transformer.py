@@ -21,11 +21,11 @@ class _ScannedLayer(nn.Module):
   decode: bool
 
   @nn.compact
-  def __call__(self, x, layer_index, positions, kv_valid, index):
+  def __call__(self, x, layer_index, positions, kv_valid, index, density):
     block = Block(self.config, self.deterministic, name="block")
     if self.decode:
       return block.decode(x, index, layer_index), None
-    return block(x, positions, kv_valid, layer_index), None
+    return block(x, positions, kv_valid, layer_index, density), None
 
 
 class Transformer(nn.Module):
@@ -47,28 +47,29 @@ class Transformer(nn.Module):
       positions = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
     return positions, start
 
-  def _blocks(self, x, positions, kv_valid, index, deterministic: bool, decode: bool):
+  def _blocks(self, x, positions, kv_valid, index, density, deterministic: bool, decode: bool):
     cfg = self.config
     if cfg.scan_layers:
       layer = nn.remat(_ScannedLayer, prevent_cse=False) if cfg.remat else _ScannedLayer
       scanned = nn.scan(
           layer, variable_axes={c: 0 for c in LAYER_COLLECTIONS},
           split_rngs={"params": True, "dropout": True, "gate": True},
-          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
           metadata_params={nn.PARTITION_NAME: "layers"})
       layers = scanned(cfg, deterministic, decode, name="layers")
-      x, _ = layers(x, jnp.arange(cfg.num_layers), positions, kv_valid, index)
+      x, _ = layers(x, jnp.arange(cfg.num_layers), positions, kv_valid, index, density)
       return x
     block_cls = nn.remat(Block) if cfg.remat else Block
     for i in range(cfg.num_layers):
       block = block_cls(cfg, deterministic, name=f"block_{i}")
-      x = block.decode(x, index, i) if decode else block(x, positions, kv_valid, i)
+      x = block.decode(x, index, i) if decode else block(x, positions, kv_valid, i, density)
     return x
 
   @nn.compact
   def __call__(self, tokens: jnp.ndarray, positions: Optional[jnp.ndarray] = None,
                attention_mask: Optional[jnp.ndarray] = None, *, deterministic: bool = True,
-               decode: bool = False) -> jnp.ndarray:
+               decode: bool = False, density: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+    """`density`: scheduled routing density P_t (training with `skip.density_warmup_steps`)."""
     cfg = self.config
     dtype = cfg.compute_dtype
     embed = token_embedding(cfg.vocab_size, cfg.embed_proj_dim or cfg.d_model, dtype, name="embed")
@@ -82,7 +83,7 @@ class Transformer(nn.Module):
     elif cfg.position == "sinusoidal":
       x = x + SinusoidalPositions(cfg.max_len, cfg.d_model, dtype)(positions)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
-    x = self._blocks(x, positions, attention_mask, index, deterministic, decode)
+    x = self._blocks(x, positions, attention_mask, index, density, deterministic, decode)
     if cfg.final_norm:
       x = layer_norm(cfg.layer_norm_eps, cfg.layer_norm_affine, dtype, name="ln_final")(x)
     if cfg.embed_proj_dim:

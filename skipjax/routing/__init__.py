@@ -3,7 +3,8 @@
 Pure functions on arrays (plus the tiny `Router` linen module); no model knowledge.
 """
 from skipjax.routing.capacity import (capacity_loss, effective_depth, flops_per_token,
-                                      layer_flops_per_token, routed_fraction, routed_fractions)
+                                      layer_flops_per_token, routed_fraction, routed_fractions,
+                                      scheduled_density)
 from skipjax.routing.dispatch import (METHODS, Dispatched, capacity_slots, default_gsize, dispatch,
                                       from_routing_groups, gated_layer_output, gated_residual,
                                       to_routing_groups)

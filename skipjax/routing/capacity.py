@@ -69,6 +69,21 @@ def capacity_loss(probs_per_layer: PerLayer, mask_per_layer: PerLayer,
   return jnp.sum(jnp.square(r - p))
 
 
+def scheduled_density(step: Union[int, Array], target_density: float, warmup_steps: int) -> Array:
+  """Dense-to-sparse warm-up: P_t = P + (1 − P)·max(0, 1 − t / warmup_steps); P from then on.
+
+  Not in LtS, whose routers face P from step 0. A router learns to keep a token only once a layer
+  helps it, and a layer learns to help only tokens routed to it: at small P the routers of our
+  synthetic task settle on tokens a layer helps early and never try the hard ones again. Starting
+  dense lets every layer learn on every token first (cf. the dense-to-sparse gate of
+  Nie et al. 2021 for MoE); random gating gets the same schedule so compute stays matched.
+  """
+  if warmup_steps <= 0:
+    return jnp.asarray(target_density, jnp.float32)
+  progress = jnp.clip(jnp.asarray(step, jnp.float32) / warmup_steps, 0.0, 1.0)
+  return jnp.asarray(target_density + (1.0 - target_density) * (1.0 - progress), jnp.float32)
+
+
 def effective_depth(densities: Array) -> Array:
   """LtS Table 1 "Eff-L": the expected number of layers a token runs, Σ_i r_i (last axis)."""
   return jnp.sum(jnp.asarray(densities, jnp.float32), axis=-1)

@@ -219,6 +219,8 @@ class Router(nn.Module):
     temperature: Gumbel-Softmax temperature τ.
     threshold: `sigmoid` routing threshold.
     target_density: P; used by `random` and by the bias init.
+    init_density: the density the bias init routes, when it differs from P (the start of a
+      density warm-up, `scheduled_density`).
     dtype: dtype of the logits matmul (the gate math itself always runs in float32).
     use_bias: learn a bias initialised to [0, logit(P)] (see `density_bias_init`).
     kernel_init: init of W_G (small, so routing starts input-independent).
@@ -227,13 +229,18 @@ class Router(nn.Module):
   temperature: float = 1.0
   threshold: float = 0.5
   target_density: float = 0.5
+  init_density: Optional[float] = None
   dtype: Any = jnp.float32
   use_bias: bool = True
   kernel_init: Callable[..., Array] = nn.initializers.normal(stddev=0.02)
 
   @nn.compact
-  def __call__(self, x: Array, deterministic: bool = False) -> Gate:
-    """Gate for every token of x [..., d]; draws from rng stream 'gate' when the kind needs it."""
+  def __call__(self, x: Array, deterministic: bool = False,
+               target_density: Optional[Array] = None) -> Gate:
+    """Gate for every token of x [..., d]; draws from rng stream 'gate' when the kind needs it.
+
+    `target_density` (a scalar, possibly traced) replaces P for `random` during a density warm-up.
+    """
     if self.kind not in KINDS:
       raise ValueError(f"unknown router kind {self.kind!r}; known: {KINDS}")
     kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, ("embed", None)),
@@ -241,9 +248,10 @@ class Router(nn.Module):
     logits = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(
-          density_bias_init(self.target_density), (None,)), (2,), jnp.float32)
+          density_bias_init(self.init_density or self.target_density), (None,)), (2,), jnp.float32)
       logits = logits + bias.astype(self.dtype)
     rng = self.make_rng("gate") if needs_rng(self.kind, deterministic) else None
     return gate_from_logits(logits.astype(jnp.float32), self.kind, rng=rng,
                             deterministic=deterministic, temperature=self.temperature,
-                            threshold=self.threshold, target_density=self.target_density)
+                            threshold=self.threshold,
+                            target_density=self.target_density if target_density is None else target_density)

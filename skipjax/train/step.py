@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from skipjax import models
+from skipjax import models, routing
 from skipjax.train.state import TrainState
 
 Batch = Dict[str, jnp.ndarray]
@@ -60,10 +60,14 @@ def step_rngs(rng: jax.Array, step: jnp.ndarray) -> Dict[str, jax.Array]:
 def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, model: nn.Module,
                tx: optax.GradientTransformation) -> Tuple[TrainState, Dict[str, jnp.ndarray]]:
   """loss = mean NLL + Σ sown aux losses; one optimizer update."""
+  skip = model.config.skip
+  schedule = {}
+  if skip.density_warmup_steps > 0:
+    schedule["density"] = routing.scheduled_density(state.step, skip.target_density, skip.density_warmup_steps)
 
   def loss_fn(params):
     logits, variables = model.apply(
-        {"params": params}, batch["inputs"], deterministic=False,
+        {"params": params}, batch["inputs"], deterministic=False, **schedule,
         rngs=step_rngs(rng, state.step), mutable=["aux_loss", "gates"])
     nll = jnp.mean(token_nll(logits, batch["targets"]))
     aux = sum_aux_losses(variables)

@@ -220,7 +220,7 @@ def test_density_warmup_anneals_the_target_from_dense_to_p():
     model = models.build(_cfg(router=router, target_density=0.25, density_warmup_steps=100))
     params = _params(model, tokens)
     if router == "gumbel":
-      np.testing.assert_allclose(params["block_0"]["router"]["bias"], [0.0, np.log(99.0)], rtol=1e-5)
+      np.testing.assert_allclose(params["block_0"]["router"]["bias"], [0.0, np.log(0.99 / 0.01)], rtol=1e-5)
     for step, expected in ((0, 1.0), (50, 0.625), (100, 0.25)):
       state = TrainState(step=jnp.asarray(step, jnp.int32), params=params, opt_state=tx.init(params))
       _, metrics = step_lib.train_step(state, batch, jax.random.key(2), model=model, tx=tx)
@@ -229,9 +229,9 @@ def test_density_warmup_anneals_the_target_from_dense_to_p():
         np.testing.assert_allclose(r, expected, atol=0.15)
       else:  # λ Σ (r_i − P_t)² with r_i measured
         np.testing.assert_allclose(float(metrics["aux_loss"]), 0.1 * np.sum((r - expected) ** 2), rtol=1e-4)
+  from configs import skiplayer
+  from skipjax import validation
+  config = skiplayer.get_config("tiny")
+  config.model.skip.update(dispatch="capacity", density_warmup_steps=10)
   with pytest.raises(ValueError, match="density_warmup_steps"):
-    from configs import skiplayer
-    from skipjax import validation
-    config = skiplayer.get_config("tiny")
-    config.model.skip.update(dispatch="capacity", density_warmup_steps=10)
     validation.validate(config, 1)

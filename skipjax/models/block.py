@@ -52,7 +52,7 @@ class Block(nn.Module):
     self.dropout = nn.Dropout(cfg.dropout_rate)
     s = cfg.skip
     if s.router != "none":
-      init_density = 0.99 if s.density_warmup_steps > 0 else None  # P_0 = 1, kept off σ's flat tail
+      init_density = routing.WARMUP_INIT_DENSITY if s.density_warmup_steps > 0 else None
       make = lambda name: routing.Router(kind=s.router, temperature=s.temperature, target_density=s.target_density,
                                          init_density=init_density, name=name)
       if s.granularity == "layer":

@@ -2,7 +2,7 @@
 
 Pure functions on arrays (plus the tiny `Router` linen module); no model knowledge.
 """
-from skipjax.routing.capacity import (capacity_loss, effective_depth, flops_per_token,
+from skipjax.routing.capacity import (WARMUP_INIT_DENSITY, capacity_loss, effective_depth, flops_per_token,
                                       layer_flops_per_token, routed_fraction, routed_fractions,
                                       scheduled_density)
 from skipjax.routing.dispatch import (METHODS, Dispatched, capacity_slots, default_gsize, dispatch,

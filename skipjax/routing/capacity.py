@@ -69,6 +69,11 @@ def capacity_loss(probs_per_layer: PerLayer, mask_per_layer: PerLayer,
   return jnp.sum(jnp.square(r - p))
 
 
+# Where a warmed-up router's bias starts routing: P_0 = 1 in the schedule, but σ(logit 0.99) keeps
+# the router off σ's flat tail so the capacity loss can pull it down as P_t falls.
+WARMUP_INIT_DENSITY = 0.99
+
+
 def scheduled_density(step: Union[int, Array], target_density: float, warmup_steps: int) -> Array:
   """Dense-to-sparse warm-up: P_t = P + (1 − P)·max(0, 1 − t / warmup_steps); P from then on.
 
@@ -80,6 +85,7 @@ def scheduled_density(step: Union[int, Array], target_density: float, warmup_ste
   """
   if warmup_steps <= 0:
     return jnp.asarray(target_density, jnp.float32)
+  # Evaluation and decoding always use P itself (they pass no schedule).
   progress = jnp.clip(jnp.asarray(step, jnp.float32) / warmup_steps, 0.0, 1.0)
   return jnp.asarray(target_density + (1.0 - target_density) * (1.0 - progress), jnp.float32)
 

@@ -19,6 +19,12 @@ def _init(cfg, tokens):
     {}, {"scan_layers": True}, {"norm": "post", "final_norm": False},
     {"position": "sinusoidal", "tie_embeddings": False, "activation": "fliprelu"},
     {"embed_proj_dim": 24, "position_offset": 2, "use_bias": False},
+    # Llama/Qwen2-style: RoPE, GQA, RMSNorm, SwiGLU, q/k/v bias only, untied head.
+    {"position": "rope", "rope_theta": 500.0, "num_kv_heads": 2, "norm_type": "rmsnorm", "mlp_gated": True,
+     "activation": "silu", "use_bias": False, "qkv_bias": True, "tie_embeddings": False},
+    # Multi-query, head_dim ≠ d / heads, sliding window, layer scale, scanned layers.
+    {"position": "rope", "num_kv_heads": 1, "head_dim": 6, "sliding_window": 5, "layer_scale": True,
+     "scan_layers": True},
 ])
 def test_decode_with_cache_reproduces_full_forward(overrides):
   cfg = models.TransformerConfig(**{**BASE, **overrides})
@@ -88,3 +94,34 @@ def test_bfloat16_activations_keep_float32_params():
 def test_unknown_model_field_is_named():
   with pytest.raises(ValueError, match="config.model.num_layer is not a model field"):
     models.build({"num_layer": 3})
+
+
+@pytest.mark.parametrize("rule", ["identity", "ln"])
+def test_post_ln_skip_rule(rule):
+  """A skipped post-LN attention block gives y = x ('identity') or y = LN(x) ('ln', RR §4.4)."""
+  cfg = models.TransformerConfig(**BASE, norm="post", final_norm=False, post_ln_skip=rule)
+  block = models.Block(cfg)
+  x = jax.random.normal(jax.random.key(0), (2, 6, 32))
+  pos = jnp.broadcast_to(jnp.arange(6), (2, 6))
+  params = nn.meta.unbox(block.init(jax.random.key(1), x, pos)["params"])
+  params = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(2), a.shape), params)
+  m = jnp.array([[1, 0, 1, 0, 1, 1], [0, 1, 1, 1, 0, 1]], jnp.float32)
+  out = block.apply({"params": params, "gate_override": {"attn": m, "ffn": jnp.ones_like(m)}}, x, pos)
+  run = lambda fn, *a: block.apply({"params": params}, *a, method=fn)
+  a = run(lambda b, x, p: b.attn(x, p), x, pos)
+  skipped = x if rule == "identity" else run(lambda b, x: b.ln_attn(x), x)
+  h = jnp.where(m[..., None] > 0, run(lambda b, x: b.ln_attn(x), x + a), skipped)
+  want = run(lambda b, h: b.ln_ffn(h + b.mlp(h)), h)
+  np.testing.assert_allclose(out, want, atol=1e-5)
+
+
+def test_post_ln_skip_is_validated():
+  from skipjax.validation import validate_model
+  import ml_collections
+  m = ml_collections.ConfigDict({**BASE, "head_dim": 0, "activation": "gelu", "norm": "post", "position": "learned",
+                                 "dtype": "float32", "dropout_rate": 0.0, "post_ln_skip": "layernorm",
+                                 "skip": {"router": "none", "dispatch": "masked", "granularity": "layer",
+                                          "target_density": 1.0, "gsize": 4, "capacity_factor": 1.0,
+                                          "temperature": 1.0}})
+  with pytest.raises(ValueError, match="config.model.post_ln_skip='layernorm'"):
+    validate_model(m)

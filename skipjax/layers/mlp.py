@@ -42,12 +42,14 @@ def get_activation(name: str) -> Callable:
 
 
 class MLP(nn.Module):
-  """FFN(x) = W_o act(W_i x + b_i) + b_o."""
+  """FFN(x) = W_o act(W_i x + b_i) + b_o; gated (Shazeer 2020 Eq. 5/6, SwiGLU with silu, GeGLU
+  with gelu): FFN(x) = W_o (act(W_g x) ⊙ W_i x), the gate projection `gate`."""
   features: int
   hidden: int
   activation: str = "gelu"
   use_bias: bool = True
   dtype: jnp.dtype = jnp.float32
+  gated: bool = False
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, layer_index=0) -> jnp.ndarray:
@@ -55,8 +57,19 @@ class MLP(nn.Module):
         n, use_bias=self.use_bias, dtype=self.dtype, name=name,
         kernel_init=nn.with_logical_partitioning(_kernel_init, axes),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[1:]))
-    h = dense(self.hidden, ("embed", "mlp"), "wi")(x)
-    h = get_activation(self.activation)(h, layer_index)
+    act = get_activation(self.activation)
+    if self.gated:
+      h = act(dense(self.hidden, ("embed", "mlp"), "gate")(x), layer_index)
+      h = h * dense(self.hidden, ("embed", "mlp"), "wi")(x)  # [B, T, hidden]
+    else:
+      h = act(dense(self.hidden, ("embed", "mlp"), "wi")(x), layer_index)
     # Sown so activation-sparsity statistics can be read without changing signatures.
     self.sow("activations", "ffn_hidden", h)
     return dense(self.features, ("mlp", "embed"), "wo")(h)
+
+
+def make_ffn(config, dtype=jnp.float32, name=None) -> MLP:
+  """The FFN of a model config (fields d_model, d_ff, activation, mlp_gated, mlp_bias/use_bias)."""
+  bias = getattr(config, "mlp_bias", None)
+  return MLP(config.d_model, config.d_ff, config.activation,
+             config.use_bias if bias is None else bias, dtype, getattr(config, "mlp_gated", False), name=name)

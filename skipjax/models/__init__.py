@@ -9,7 +9,7 @@ from skipjax.models.config import SkipConfig, TransformerConfig
 from skipjax.models.encoder import Encoder, EncoderConfig
 from skipjax.models.transformer import Transformer
 
-_BUILDERS = {"decoder": Transformer, "vit": Encoder, "bert": Encoder}
+_BUILDERS = {"decoder": Transformer, "vit": Encoder, "bert": Encoder, "dinov2": Encoder}
 
 
 def build(model_config: Union[Mapping[str, Any], TransformerConfig]) -> nn.Module:

@@ -9,7 +9,14 @@ One Block serves every method; only the gate differs:
   * applied oracle (RR §4.4): `oracle_threshold` > 0 skips R(x) where ‖R(x)‖/‖x‖ < threshold;
   * any fixed plan (pruning, skip policies, sensitivity probes): a `gate_override` variable
     collection {'attn': m, 'ffn': m} ([B, T] in {0, 1}) forces the gate of this block.
-A hard gate m = 0 leaves the token exactly unchanged (y = x), for pre- and post-LN alike.
+A hard gate m = 0 leaves the token unchanged (y = x); for a post-LN block `post_ln_skip='ln'`
+gives y = LN(x) instead (RR §4.4: only the skip connection runs, the norm stays).
+
+Model families are options of the same layers: LayerNorm or RMSNorm (`norm_type`), rotary
+positions from the original token positions (`position='rope'`), plain or gated FFN
+(`mlp_gated`), grouped-query attention (`num_kv_heads`), per-projection biases and layer scale
+(`layer_scale`, LayerScale of Touvron et al. 2021 (CaiT), used by DINOv2: R(x) ← γ ⊙ R(x), γ [d]
+per branch).
 
 Sown collections: stats/{attn,ffn}_{input,residual}_norm ‖x‖₂, ‖R(x)‖₂ per token (dense path),
 gates/{layer,attn,ffn}_{mask,density,dropped_fraction}, aux_loss/{...}_capacity_loss (λ·(r−P)²).
@@ -21,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from skipjax import routing
-from skipjax.layers import MLP, MultiHeadAttention, layer_norm
+from skipjax.layers import MultiHeadAttention, make_ffn, make_norm
 from skipjax.models.config import TransformerConfig
 
 LEARNED_ROUTERS = ("gumbel", "top1", "sigmoid")
@@ -45,10 +52,16 @@ class Block(nn.Module):
   def setup(self):
     cfg = self.config
     dtype = cfg.compute_dtype
-    self.ln_attn = layer_norm(cfg.layer_norm_eps, cfg.layer_norm_affine, dtype)
-    self.ln_ffn = layer_norm(cfg.layer_norm_eps, cfg.layer_norm_affine, dtype)
-    self.attn = MultiHeadAttention(cfg.d_model, cfg.num_heads, cfg.heads_dim, cfg.use_bias, dtype, cfg.causal)
-    self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.activation, cfg.use_bias, dtype)
+    self.ln_attn = make_norm(cfg.norm_type, cfg.layer_norm_eps, cfg.layer_norm_affine, dtype)
+    self.ln_ffn = make_norm(cfg.norm_type, cfg.layer_norm_eps, cfg.layer_norm_affine, dtype)
+    self.attn = MultiHeadAttention(
+        cfg.d_model, cfg.num_heads, cfg.heads_dim, cfg.use_bias, dtype, cfg.causal, cfg.num_kv_heads,
+        cfg.qkv_bias, cfg.out_bias, cfg.rope_theta if cfg.position == "rope" else 0.0, cfg.sliding_window)
+    self.mlp = make_ffn(cfg, dtype)
+    if cfg.layer_scale:
+      scale_init = nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",))
+      self.ls_attn = self.param("ls_attn", scale_init, (cfg.d_model,), jnp.float32)
+      self.ls_ffn = self.param("ls_ffn", scale_init, (cfg.d_model,), jnp.float32)
     self.dropout = nn.Dropout(cfg.dropout_rate)
     s = cfg.skip
     if s.router != "none":
@@ -110,6 +123,16 @@ class Block(nn.Module):
   def _ln(self, name: str):
     return self.ln_attn if name == "attn" else self.ln_ffn
 
+  def _scale(self, name: str, r: jnp.ndarray) -> jnp.ndarray:
+    """Layer scale γ ⊙ R(x) (identity without `layer_scale`)."""
+    if not self.config.layer_scale:
+      return r
+    gamma = self.ls_attn if name == "attn" else self.ls_ffn
+    return r * gamma.astype(r.dtype)
+
+  def _ffn(self, h: jnp.ndarray, layer_index) -> jnp.ndarray:
+    return self._scale("ffn", self.mlp(self._pre(self.ln_ffn, h), layer_index))
+
   def _branch(self, name: str, x, positions, kv_valid, layer_index) -> Callable:
     """R as a dispatch branch (x_sel [B,C,d], idx [B,C], valid) -> R(x_sel).
 
@@ -117,12 +140,13 @@ class Block(nn.Module):
     the selected tokens, masked causally by their original positions.
     """
     if name == "ffn":
-      return lambda x_sel, idx, valid: self.mlp(self._pre(self.ln_ffn, x_sel), layer_index)
-    k, v = self.attn.project_kv(self._pre(self.ln_attn, x))
+      return lambda x_sel, idx, valid: self._ffn(x_sel, layer_index)
+    k, v = self.attn.project_kv(self._pre(self.ln_attn, x), positions)
 
     def attention(x_sel, idx, valid):
       q_pos = jnp.take_along_axis(positions, idx, axis=1)
-      return self.attn.attend(self._pre(self.ln_attn, x_sel), q_pos, k, v, positions, kv_valid)
+      r = self.attn.attend(self._pre(self.ln_attn, x_sel), q_pos, k, v, positions, kv_valid)
+      return self._scale("attn", r)
     return attention
 
   def _residual(self, name: str, x, positions, kv_valid, layer_index, density=None):
@@ -138,7 +162,8 @@ class Block(nn.Module):
       if m is None:
         return y
       self.sow("gates", f"{name}_mask", m)
-      return jnp.where(m[..., None] > 0, y, x)
+      skipped = self._ln(name)(x) if self.config.norm == "post" and self.config.post_ln_skip == "ln" else x
+      return jnp.where(m[..., None] > 0, y, skipped)
     d = self._dispatch(fn, x, gate)
     self._sow_routing(name, gate, d, density)
     r = self.dropout(d.output, deterministic=self.deterministic)
@@ -164,7 +189,7 @@ class Block(nn.Module):
 
     def layer(x_sel, idx, valid):
       h = x_sel + attention(x_sel, idx, valid)
-      return h + self.mlp(self.ln_ffn(h), layer_index)
+      return h + self._ffn(h, layer_index)
 
     d = self._dispatch(layer, x, gate)
     self._sow_routing("layer", gate, d, density)
@@ -195,23 +220,23 @@ class Block(nn.Module):
     K/V of the current token are always written to the cache; Q/attention/FFN run only where
     the router routes the token (LtS Alg. 2, deterministic argmax routing).
     """
-    ffn = lambda mdl, h: mdl.mlp(mdl._pre(mdl.ln_ffn, h), layer_index)
+    ffn = lambda mdl, h: mdl._ffn(h, layer_index)
     gate = self._gate("layer", x)
     if gate is not None:
       self.attn.decode_step(self._pre(self.ln_attn, x), index, attend=False)
 
       def layer(mdl, h):
-        h = h + mdl.attn.attend_cached(mdl.ln_attn(h), index)
+        h = h + mdl._scale("attn", mdl.attn.attend_cached(mdl.ln_attn(h), index))
         return h + ffn(mdl, h)
       self.sow("gates", "layer_mask", gate.mask)
       return routing.gated_layer_output(x, self._maybe(gate.mask, layer, x), gate)
     gate = self._gate("attn", x)
     if gate is None:
-      a = self.attn.decode_step(self._pre(self.ln_attn, x), index)
+      a = self._scale("attn", self.attn.decode_step(self._pre(self.ln_attn, x), index))
       x = x + a if self.config.norm == "pre" else self.ln_attn(x + a)
     else:
       self.attn.decode_step(self._pre(self.ln_attn, x), index, attend=False)
-      attend = lambda mdl, h: mdl.attn.attend_cached(mdl.ln_attn(h), index)
+      attend = lambda mdl, h: mdl._scale("attn", mdl.attn.attend_cached(mdl.ln_attn(h), index))
       self.sow("gates", "attn_mask", gate.mask)
       x = routing.gated_residual(x, self._maybe(gate.mask, attend, x), gate)
     gate = self._gate("ffn", x)

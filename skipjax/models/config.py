@@ -1,6 +1,6 @@
 """Typed, hashable model configuration built from the `config.model` ConfigDict."""
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import jax.numpy as jnp
 
@@ -32,12 +32,22 @@ class TransformerConfig:
   d_ff: int = 512
   activation: str = "gelu"
   max_len: int = 512
-  position: str = "learned"       # learned | sinusoidal | none
+  position: str = "learned"       # learned | sinusoidal | rope | none
+  rope_theta: float = 10000.0     # RoPE base (position='rope')
+  sliding_window: int = 0         # > 0: causal sliding-window attention (Mistral)
+  num_kv_heads: int = 0           # grouped-query attention; 0: num_heads
   position_offset: int = 0        # OPT: 2
   norm: str = "pre"               # pre | post
+  post_ln_skip: str = "identity"  # skipped post-LN block: y = x | 'ln': y = LN(x) (RR: "only the skip connection")
   final_norm: bool = True
   tie_embeddings: bool = True
   use_bias: bool = True
+  qkv_bias: Optional[bool] = None  # None: use_bias (Qwen2: True with use_bias=False)
+  out_bias: Optional[bool] = None  # None: use_bias
+  mlp_bias: Optional[bool] = None  # None: use_bias
+  mlp_gated: bool = False         # SwiGLU (activation='silu') / GeGLU ('gelu'): params gate, wi, wo
+  norm_type: str = "layernorm"    # layernorm | rmsnorm (eps: layer_norm_eps)
+  layer_scale: bool = False       # DINOv2 (CaiT LayerScale): y = x + γ ⊙ R(x), γ [d] per branch
   layer_norm_eps: float = 1e-5
   layer_norm_affine: bool = True
   embed_proj_dim: int = 0         # OPT-350m word_embed_proj_dim (0: none)
@@ -52,6 +62,10 @@ class TransformerConfig:
   @property
   def heads_dim(self) -> int:
     return self.head_dim or self.d_model // self.num_heads
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
 
   @property
   def compute_dtype(self):

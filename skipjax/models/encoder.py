@@ -1,8 +1,10 @@
-"""Bidirectional encoders (BERT, ViT) built from the same gated residual Block as the decoder.
+"""Bidirectional encoders (BERT, ViT, DINOv2) built from the same gated residual Block as the decoder.
 
 Only the embeddings differ from the decoder LM (DESIGN.md: one block serves every model):
-  BERT  word + position + token-type embeddings → LayerNorm → post-LN blocks (no final norm)
-  ViT   patch conv → [cls; patches] + position embeddings → pre-LN blocks → final LayerNorm
+  BERT    word + position + token-type embeddings → LayerNorm → post-LN blocks (no final norm)
+  ViT     patch conv → [cls; patches] + position embeddings → pre-LN blocks → final LayerNorm
+  DINOv2  as ViT, the position grid bicubically resized to the input's patch grid, and blocks
+          with layer scale (`layer_scale`, Oquab et al. 2023)
 Both return the last hidden state [B, T, d] in float32. Blocks are `block_{i}`, so the sown
 statistics (`stats/{attn,ffn}_{input,residual}_norm`) read the same as for the decoder.
 """
@@ -12,21 +14,22 @@ from typing import Any, Mapping, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from skipjax.layers import LearnedPositions, layer_norm, token_embedding
+from skipjax.layers import LearnedPositions, layer_norm, make_norm, token_embedding
+from skipjax.layers.embeddings import resize_position_grid
 from skipjax.models.block import Block
 from skipjax.models.config import TransformerConfig
 
-ENCODER_TYPES = ("bert", "vit")
+ENCODER_TYPES = ("bert", "vit", "dinov2")
 _embed_init = nn.initializers.normal(stddev=0.02)
 
 
 @dataclasses.dataclass(frozen=True)
 class EncoderConfig:
   """Encoder settings around the blocks' `TransformerConfig` (which has `causal=False`)."""
-  model_type: str = "bert"        # bert | vit
+  model_type: str = "bert"        # bert | vit | dinov2
   transformer: TransformerConfig = TransformerConfig(causal=False, norm="post", final_norm=False)
   type_vocab_size: int = 2        # BERT token types
-  image_size: int = 224           # ViT: square images of this side
+  image_size: int = 224           # ViT: square images of this side (DINOv2: of its position grid)
   patch_size: int = 16
   num_channels: int = 3
 
@@ -35,7 +38,7 @@ class EncoderConfig:
       raise ValueError(f"config.model.model_type={self.model_type!r} is not one of {ENCODER_TYPES}")
     if self.transformer.causal:
       raise ValueError("config.model.causal must be False for an encoder")
-    if self.model_type == "vit" and self.image_size % self.patch_size:
+    if self.model_type in ("vit", "dinov2") and self.image_size % self.patch_size:
       raise ValueError(f"config.model.image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
 
   @property
@@ -98,10 +101,33 @@ class PatchEmbeddings(nn.Module):
     return nn.Dropout(tcfg.dropout_rate)(x, deterministic=deterministic)
 
 
+class ResizedPatchEmbeddings(nn.Module):
+  """DINOv2 input: [x_cls; patches] + E_pos, the patch part of E_pos (a square grid for
+  `image_size`) bicubically resized to the input's patch grid (HF `interpolate_pos_encoding`)."""
+  config: EncoderConfig
+
+  @nn.compact
+  def __call__(self, pixels, deterministic: bool = True):
+    cfg, tcfg = self.config, self.config.transformer
+    dtype = tcfg.compute_dtype
+    p = cfg.patch_size
+    x = nn.Conv(tcfg.d_model, (p, p), strides=(p, p), padding="VALID", dtype=dtype, name="patch_embed",
+                kernel_init=nn.with_logical_partitioning(_embed_init, (None, None, None, "embed")),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)))(pixels)
+    b, h, w, d = x.shape
+    cls = self.param("cls_token", nn.with_logical_partitioning(_embed_init, ("embed",)), (d,), jnp.float32)
+    table = self.param("pos_embed", nn.with_logical_partitioning(_embed_init, (None, "embed")),
+                       (cfg.num_patches + 1, d), jnp.float32)
+    pos = jnp.concatenate([table[:1], resize_position_grid(table[1:], h, w)], axis=0)  # [1 + h·w, d]
+    x = jnp.concatenate([jnp.broadcast_to(cls.astype(dtype), (b, 1, d)), x.reshape(b, h * w, d)], axis=1)
+    x = x + pos.astype(dtype)
+    return nn.Dropout(tcfg.dropout_rate)(x, deterministic=deterministic)
+
+
 class Encoder(nn.Module):
   """`apply({'params': p}, inputs, attention_mask=None)` → last hidden state [B, T, d] (float32).
 
-  `inputs`: token ids [B, T] (BERT) or pixels [B, H, W, C] (ViT).
+  `inputs`: token ids [B, T] (BERT) or pixels [B, H, W, C] (ViT; DINOv2 at any H, W).
   """
   config: EncoderConfig
 
@@ -112,6 +138,8 @@ class Encoder(nn.Module):
     cfg, tcfg = self.config, self.config.transformer
     if cfg.model_type == "vit":
       x = PatchEmbeddings(cfg, name="embeddings")(inputs, deterministic)
+    elif cfg.model_type == "dinov2":
+      x = ResizedPatchEmbeddings(cfg, name="embeddings")(inputs, deterministic)
     else:
       if positions is None:
         positions = jnp.broadcast_to(jnp.arange(inputs.shape[1], dtype=jnp.int32), inputs.shape)
@@ -123,5 +151,6 @@ class Encoder(nn.Module):
     for i in range(tcfg.num_layers):
       x = block_cls(tcfg, deterministic, name=f"block_{i}")(x, block_positions, attention_mask, i)
     if tcfg.final_norm:
-      x = layer_norm(tcfg.layer_norm_eps, tcfg.layer_norm_affine, tcfg.compute_dtype, name="ln_final")(x)
+      x = make_norm(tcfg.norm_type, tcfg.layer_norm_eps, tcfg.layer_norm_affine, tcfg.compute_dtype,
+                    name="ln_final")(x)
     return x.astype(jnp.float32)

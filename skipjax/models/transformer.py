@@ -4,7 +4,7 @@ from typing import Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from skipjax.layers import LearnedPositions, SinusoidalPositions, layer_norm, token_embedding
+from skipjax.layers import LearnedPositions, SinusoidalPositions, make_norm, token_embedding
 from skipjax.models.block import Block
 from skipjax.models.config import TransformerConfig
 
@@ -82,10 +82,11 @@ class Transformer(nn.Module):
       x = x + LearnedPositions(cfg.max_len, cfg.d_model, cfg.position_offset, dtype, name="pos_embed")(positions)
     elif cfg.position == "sinusoidal":
       x = x + SinusoidalPositions(cfg.max_len, cfg.d_model, dtype)(positions)
+    # position='rope' adds nothing here: the blocks rotate q/k at `positions` (layers/attention.py).
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     x = self._blocks(x, positions, attention_mask, index, density, deterministic, decode)
     if cfg.final_norm:
-      x = layer_norm(cfg.layer_norm_eps, cfg.layer_norm_affine, dtype, name="ln_final")(x)
+      x = make_norm(cfg.norm_type, cfg.layer_norm_eps, cfg.layer_norm_affine, dtype, name="ln_final")(x)
     if cfg.embed_proj_dim:
       x = nn.Dense(cfg.embed_proj_dim, use_bias=False, dtype=dtype, name="project_out",
                    kernel_init=nn.with_logical_partitioning(_kernel_init, ("embed", None)))(x)

@@ -24,6 +24,9 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.num_sequences = 32         # sequences (images) profiled per model
   c.batch_size = 8             # sequences per profiler forward
   c.max_records = 0            # cap on text lines read (0 = all)
+  c.tokenizer = "auto"         # auto: the model folder's tokenizer (error if none) | bytes: UTF-8 bytes mod vocab
+  c.post_ln_skip = "ln"        # skipped post-LN block (BERT): ln → y = LN(x) (RR §3: only the skip
+                               # connection enters the addition, the LN after it stays) | identity → y = x
   c.dtype = "float32"
   c.exclude_first = True       # drop each sequence's first token from summaries (RR §4.2 outliers)
   c.threshold = 0.05           # RR §4.3: 5 %, for the routing trace / breakdown / imitation
@@ -32,6 +35,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.sensitivity = True         # token-level layer-sensitivity oracle (2L extra forwards)
   c.imitation = True           # learned oracle imitation (linear routers)
   c.imitation_steps = 300
+  c.trace_sequences = 4        # sequences shown in the routing-trace figure
+  c.violin_log = False         # ratio violins on a log axis (density of log10 r)
   c.oracle_sequences = 8       # sequences used by the applied / sensitivity / imitation oracles
   c.seed = 0
   c.tiny = ml_collections.ConfigDict(dict(num_layers=2, d_model=32, num_heads=4, ffn_dim=64, vocab_size=64))

@@ -38,6 +38,8 @@ def main():
   config.update(model=",".join(specs), num_sequences=args.num_sequences, seq_len=args.seq_len,
                 applied=False, sensitivity=False, imitation=False,
                 data=args.data or (f"text:{WIKITEXT}" if os.path.exists(WIKITEXT) else "random"))
+  if not args.models:
+    config.tokenizer = "bytes"  # the random OPTs have no tokenizer: UTF-8 bytes, explicitly
   summary = run.run(config, args.workdir)
   rows = sorted(summary["models"].items(), key=lambda kv: kv[1]["num_params"])
   all_r = np.load(os.path.join(args.workdir, "ratios.npz"))

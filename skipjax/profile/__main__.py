@@ -3,6 +3,8 @@
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from skipjax import cli
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Profiling config file (path:preset).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where summary.json, ratios.npz and plots/ go.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -18,4 +20,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -33,11 +33,28 @@ def num_layers(cfg) -> int:
   return cfg.num_layers
 
 
+def _with_blocks(cfg, **fields):
+  """The config with the Block fields replaced (decoders, or an encoder's `transformer`)."""
+  if is_decoder(cfg):
+    return dataclasses.replace(cfg, **fields)
+  return dataclasses.replace(cfg, transformer=dataclasses.replace(cfg.transformer, **fields))
+
+
 def with_threshold(cfg, threshold: float):
   """The config with the applied oracle at `threshold` (0 = off)."""
-  if is_decoder(cfg):
-    return dataclasses.replace(cfg, oracle_threshold=float(threshold))
-  return dataclasses.replace(cfg, transformer=dataclasses.replace(cfg.transformer, oracle_threshold=float(threshold)))
+  return _with_blocks(cfg, oracle_threshold=float(threshold))
+
+
+POST_LN_SKIPS = ("identity", "ln")
+
+
+def with_post_ln_skip(cfg, rule: str):
+  """The config whose skipped post-LN blocks give y = x ('identity') or y = LN(x) ('ln': RR §3,
+  "only the skip connection is active" into the addition node, which the LN follows).
+  Pre-LN blocks give y = x either way."""
+  if rule not in POST_LN_SKIPS:
+    raise ValueError(f"config.post_ln_skip={rule!r} is not one of {POST_LN_SKIPS}")
+  return _with_blocks(cfg, post_ln_skip=rule)
 
 
 def forward(model: nn.Module, params, batch: Dict[str, Any], overrides: Optional[Overrides] = None,
@@ -46,12 +63,11 @@ def forward(model: nn.Module, params, batch: Dict[str, Any], overrides: Optional
   variables = {"params": params}
   if overrides:
     variables["gate_override"] = overrides
-  args = (batch["inputs"],)
-  if "attention_mask" in batch:
-    args += (batch["attention_mask"],)
+  # By keyword: the decoder's second positional argument is `positions`, the encoder's the mask.
+  kwargs = {k: batch[k] for k in ("attention_mask", "positions") if k in batch}
   if mutable:
-    return model.apply(variables, *args, mutable=list(mutable))
-  return model.apply(variables, *args), {}
+    return model.apply(variables, batch["inputs"], mutable=list(mutable), **kwargs)
+  return model.apply(variables, batch["inputs"], **kwargs), {}
 
 
 def token_losses(logits: jnp.ndarray, targets: jnp.ndarray) -> jnp.ndarray:

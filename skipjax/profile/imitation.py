@@ -123,6 +123,14 @@ def _split(batch_size: int) -> Tuple[np.ndarray, np.ndarray]:
   return idx[: batch_size // 2], idx[batch_size // 2:]
 
 
+def majority_baseline(train_keep: np.ndarray, test_keep: np.ndarray) -> Tuple[float, np.ndarray]:
+  """Held-out accuracy of the per-block majority class, the class fixed on the training labels
+  [L, 2, N_train] and scored on the test labels [L, 2, N_test] → (overall, per block [L, 2])."""
+  majority = np.asarray(train_keep).mean(-1) >= 0.5  # [L, 2]
+  hits = np.asarray(test_keep) == majority[..., None]
+  return float(hits.mean()), hits.mean(-1)
+
+
 def imitation(cfg, params, batch: Dict[str, Any], ratios: np.ndarray, threshold: float, steps: int = 300,
               seed: int = 0) -> Dict[str, Any]:
   """Train routers on the first half of the sequences, report held-out accuracy against the
@@ -139,10 +147,7 @@ def imitation(cfg, params, batch: Dict[str, Any], ratios: np.ndarray, threshold:
   pred = np.asarray(router_keep(routers, feats))
   correct = sel(pred == keep, test)
   train_acc = float(sel(pred == keep, train).mean())
-  test_keep = sel(keep, test)
-  majority_block = np.maximum(test_keep.mean(-1), 1 - test_keep.mean(-1))
-  majority_train = sel(keep, train).mean(-1) >= 0.5  # the baseline must be fixed on training data
-  majority = float((test_keep == majority_train[..., None]).mean())
+  majority, majority_block = majority_baseline(sel(keep, train), sel(keep, test))
 
   dense_out = forward(models.build(cfg), params, batch)[0]
   routed_out, routed_keep = routed_forward(cfg, params, batch, routers)

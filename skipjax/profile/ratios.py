@@ -81,9 +81,11 @@ def quantiles(ratios: np.ndarray, attention_mask=None, exclude_first: bool = Fal
 
 
 def per_block(ratios: np.ndarray, attention_mask=None, exclude_first: bool = False) -> Dict[str, np.ndarray]:
-  """Per-block mean ± std over tokens (RR Fig. 5/8): `mean`, `std`, `median` as [L, 2]."""
+  """Per-block statistics over tokens (RR Fig. 5/8): `median`, quartiles `q25`/`q75`, `mean`,
+  `std`, each [L, 2]."""
   sel = _select(ratios, token_mask(ratios, attention_mask, exclude_first))
-  return {"mean": sel.mean(-1), "std": sel.std(-1), "median": np.median(sel, -1)}
+  q25, median, q75 = np.quantile(sel, (0.25, 0.5, 0.75), axis=-1)
+  return {"mean": sel.mean(-1), "std": sel.std(-1), "median": median, "q25": q25, "q75": q75}
 
 
 def interleave(per_layer_blocks: np.ndarray) -> np.ndarray:
@@ -92,7 +94,7 @@ def interleave(per_layer_blocks: np.ndarray) -> np.ndarray:
 
 
 def summary(ratios: np.ndarray, attention_mask=None, exclude_first: bool = False) -> Dict[str, Any]:
-  """JSON-serialisable summary: distribution (Fig. 4) and per-block mean/std (Fig. 5/8)."""
+  """JSON-serialisable summary: distribution (Fig. 4) and per-block statistics (Fig. 5/8)."""
   blocks = per_block(ratios, attention_mask, exclude_first)
   return {"num_layers": int(ratios.shape[0]), "exclude_first": exclude_first,
           **quantiles(ratios, attention_mask, exclude_first),

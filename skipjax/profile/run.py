@@ -19,11 +19,16 @@ from skipjax.convert import hf
 from skipjax.profile import applied, imitation, inputs, oracle, ratios, sensitivity, tiny
 
 
+VISION_TYPES = ("vit", "dinov2")  # encoders that take pixels
+
+
 def model_name(spec: str) -> str:
   """A short, file-name-safe name for a checkpoint folder or hub id (a folder called `model`
   is named after its parent, as in pip-installed model packages)."""
   path = os.path.normpath(spec)
   name = os.path.basename(path) or spec
+  if name.lower().endswith(".gguf"):
+    name = name[:-len(".gguf")]
   if name in ("model", "checkpoint", "hf") and os.path.basename(os.path.dirname(path)):
     name = os.path.basename(os.path.dirname(path))
   return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
@@ -37,22 +42,34 @@ def load_model(spec: str, config, workdir: str) -> Tuple[str, str, Any, Any]:
                            t.vocab_size, max_positions=max(64, config.seq_len), seed=config.seed)
   directory = hf.resolve(spec)
   cfg, params = hf.load(directory, dtype=jnp.dtype(config.dtype))
-  return model_name(spec), directory, cfg, params
+  return model_name(spec), directory, applied.with_post_ln_skip(cfg, config.post_ln_skip), params
+
+
+def text_tokenizer(config, directory: str, vocab_size: int):
+  """The tokenizer for `config.data` (inputs.tokenizer_for); random ids need none, so a model
+  folder without tokenizer files still runs the offline smoke preset."""
+  if inputs.is_random(config.data) and config.tokenizer == "auto":
+    try:
+      return inputs.tokenizer_for(directory, vocab_size)
+    except ValueError:
+      return inputs.ModuloByteTokenizer(vocab_size)  # only its vocabulary size is used
+  return inputs.tokenizer_for(directory, vocab_size, config.tokenizer)
 
 
 def make_batch(config, directory: str, cfg) -> Dict[str, np.ndarray]:
   """Profiling inputs for this model (see inputs.py): packed text or images."""
   if config.data.startswith("images:"):
-    if not isinstance(cfg, models.EncoderConfig) or cfg.model_type != "vit":
+    if not isinstance(cfg, models.EncoderConfig) or cfg.model_type not in VISION_TYPES:
       raise ValueError(f"config.data={config.data!r} needs a ViT model")
-    return inputs.image_batch(config.data, directory, cfg.image_size, config.num_sequences)
-  if isinstance(cfg, models.EncoderConfig) and cfg.model_type == "vit":
+    return inputs.image_batch(config.data, directory, cfg.image_size, config.num_sequences, cfg.num_channels,
+                              resizable=cfg.model_type == "dinov2")
+  if isinstance(cfg, models.EncoderConfig) and cfg.model_type in VISION_TYPES:
     raise ValueError(f"config.data={config.data!r}: a ViT model needs 'images:<folder>' or 'images:builtin'")
   vocab = cfg.vocab_size if applied.is_decoder(cfg) else cfg.transformer.vocab_size
   max_len = cfg.max_len if applied.is_decoder(cfg) else cfg.transformer.max_len
   if config.seq_len > max_len:
     raise ValueError(f"config.seq_len={config.seq_len} exceeds the model's {max_len} positions")
-  return inputs.text_batch(config.data, inputs.tokenizer_for(directory, vocab), config.seq_len,
+  return inputs.text_batch(config.data, text_tokenizer(config, directory, vocab), config.seq_len,
                            config.num_sequences, encoder=not applied.is_decoder(cfg),
                            max_records=config.max_records, seed=config.seed)
 
@@ -93,7 +110,9 @@ def profile_one(spec: str, config, workdir: str) -> Tuple[str, Dict[str, Any], n
   batch = make_batch(config, directory, cfg)
   r = profile_ratios(cfg, params, batch, config.batch_size)
   mask = batch.get("attention_mask")
-  out = {"path": directory, "kind": "decoder" if applied.is_decoder(cfg) else cfg.model_type,
+  blocks = cfg if applied.is_decoder(cfg) else cfg.transformer
+  out = {"path": directory, "kind": "decoder" if applied.is_decoder(cfg) else cfg.model_type, "norm": blocks.norm,
+         "post_ln_skip": blocks.post_ln_skip,
          "num_layers": int(r.shape[0]), "num_params": num_params(params),
          "num_sequences": int(r.shape[2]), "seq_len": int(r.shape[3]),
          "ratios": ratios.summary(r, mask, config.exclude_first),
@@ -115,26 +134,53 @@ def profile_one(spec: str, config, workdir: str) -> Tuple[str, Dict[str, Any], n
   return name, out, r
 
 
+def data_label(config) -> str:
+  """Short description of the profiled data for figure titles."""
+  data = str(config.data)
+  if inputs.is_random(data):
+    return f"random tokens, {config.num_sequences}×{config.seq_len}"
+  if data.startswith("images:"):
+    where = data[len("images:"):]
+    return f"images: {'built-in patterns' if where == 'builtin' else os.path.basename(os.path.normpath(where))}"
+  path = data[len("text:"):] if data.startswith("text:") else data
+  parent = os.path.basename(os.path.dirname(os.path.normpath(path)))
+  name = f"{parent}/{os.path.basename(path)}" if parent else os.path.basename(path)
+  return f"{name}, {config.num_sequences}×{config.seq_len} packed tokens"
+
+
 def figures(results: Dict[str, Dict[str, Any]], all_ratios: Dict[str, np.ndarray], config, plot_dir: str) -> List[str]:
-  """ratio_distributions.png (all models), and per model: per-block mean±std + dynamic depth,
-  routing trace (first sequence), applied-oracle curve; plus applied_oracle.png (all models)."""
+  """ratio_distributions.png (all models), and per model: per-block median and quartiles +
+  dynamic depth, routing trace (first `trace_sequences` sequences), applied-oracle curve; plus
+  applied_oracle.png (all models). Every title names the model(s) and the data."""
   t = config.threshold
+  data = data_label(config)
   paths, dist = [], {}
   for name, r in all_ratios.items():
     mask = ratios.token_mask(r, None, config.exclude_first)
     dist[name] = r[..., mask].reshape(-1)
     blocks = ratios.per_block(r, None, config.exclude_first)
-    paths.append(plots.per_block_ratios(blocks["mean"], blocks["std"],
-                                        oracle.dynamic_depth_histogram(r, t, None, config.exclude_first), t,
-                                        os.path.join(plot_dir, f"{name}_per_block.png")))
-    paths.append(plots.routing_trace(oracle.routing_trace(r, t), os.path.join(plot_dir, f"{name}_routing_trace.png"), t))
-  paths.insert(0, plots.ratio_distributions(dist, os.path.join(plot_dir, "ratio_distributions.png")))
+    paths.append(plots.per_block_ratios(blocks, oracle.dynamic_depth_histogram(r, t, None, config.exclude_first), t,
+                                        os.path.join(plot_dir, f"{name}_per_block.png"),
+                                        title=f"{name} · {data} · per-block residual ratio (RR Fig. 5/8)"))
+    shown = range(min(config.trace_sequences, r.shape[2]))
+    paths.append(plots.routing_trace(np.stack([oracle.routing_trace(r, t, b) for b in shown]),
+                                     os.path.join(plot_dir, f"{name}_routing_trace.png"), t,
+                                     title=f"{name} · {data}", sequences=shown))
+  names = ", ".join(all_ratios)
+  paths.insert(0, plots.ratio_distributions(dist, os.path.join(plot_dir, "ratio_distributions.png"),
+                                            log=config.violin_log,
+                                            title=f"{names} · {data} · residual ratios, all blocks"))
   curves = {n: res["applied_oracle"]["curve"] for n, res in results.items() if "applied_oracle" in res}
   for metric in ("perplexity", "drift"):
     chosen = {n: c for n, c in curves.items() if metric in c[0]["applied"]}
     if chosen:
       suffix = "" if metric == "perplexity" else "_drift"
-      paths.append(plots.applied_oracle_curve(chosen, os.path.join(plot_dir, f"applied_oracle{suffix}.png"), metric))
+      post_ln = any(results[n].get("norm") == "post" for n in chosen)
+      rule = f"; skipped post-LN block → {'LN(x)' if config.post_ln_skip == 'ln' else 'x'}" if post_ln else ""
+      title = (f"{', '.join(chosen)} · {data} (first {config.oracle_sequences} sequences) · "
+               f"applied oracle: skip when ratio < t{rule}")
+      paths.append(plots.applied_oracle_curve(chosen, os.path.join(plot_dir, f"applied_oracle{suffix}.png"), metric,
+                                              title=title))
   return paths
 
 
@@ -152,6 +198,10 @@ def _jsonable(x):
 
 def run(config, workdir: str) -> Dict[str, Any]:
   """Profiles every model of `config.model` (comma-separated) and writes the workdir files."""
+  if config.tokenizer not in inputs.TOKENIZER_KINDS:
+    raise ValueError(f"config.tokenizer={config.tokenizer!r} is not one of {inputs.TOKENIZER_KINDS}")
+  if config.post_ln_skip not in applied.POST_LN_SKIPS:
+    raise ValueError(f"config.post_ln_skip={config.post_ln_skip!r} is not one of {applied.POST_LN_SKIPS}")
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json(indent=2))

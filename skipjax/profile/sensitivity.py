@@ -4,9 +4,9 @@ residual ratio.
 Sensitivity s[l, b, n] = cost of token n with only residual block (l, b) dropped − its dense
 cost, where cost is the token's next-token loss (decoders) or the relative drift of its last
 hidden state (encoders, dense cost 0). Each of the 2L probes is one forward with a
-`gate_override` of zeros for that block (y = x) and ones elsewhere. If the residual ratio
-(RR Eq. 1) is a good skip criterion, tokens/blocks with low ratios have low sensitivity:
-Spearman's ρ between the two should be positive.
+`gate_override` of zeros for that block (y = x; a post-LN block follows `post_ln_skip`) and ones
+elsewhere. If the residual ratio (RR Eq. 1) is a good skip criterion, tokens/blocks with low
+ratios have low sensitivity: Spearman's ρ between the two should be positive.
 """
 from typing import Any, Dict, Optional
 

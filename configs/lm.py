@@ -37,6 +37,7 @@ def train_config() -> ml_collections.ConfigDict:
       log_every_steps=20, eval_every_steps=100, eval_batches=4,
       checkpoint_every_steps=100, keep_checkpoints=2,
       progress_bar=True,
+      trainable="",             # regex over '/'-joined param paths (e.g. '.*router.*'); '' = all trainable
   ))
 
 
@@ -44,6 +45,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   preset = arg or "tiny"
   config = ml_collections.ConfigDict()
   config.seed = 0
+  config.init_from = ""  # convert export / training workdir / HF folder / .gguf: new run from its weights
   config.model = model_config()
   config.data = data_config()
   config.train = train_config()

@@ -1,4 +1,7 @@
 """Up-front config validation: one-line errors that name the offending field."""
+import math
+import re
+
 import numpy as np
 
 from skipjax.layers.mlp import ACTIVATIONS
@@ -8,6 +11,7 @@ from skipjax.train.sharding import mesh_shape
 ROUTERS = ("gumbel", "top1", "sigmoid", "random", "none", "highway")
 DISPATCHES = ("masked", "capacity", "grouped")
 SOURCES = ("synthetic:", "text:", "tfds:")
+MAX_LEARNING_RATE = 10.0  # far above any working rate (adamw ~1e-3, LtS adafactor 0.1)
 
 
 def _require(ok: bool, message: str) -> None:
@@ -19,7 +23,20 @@ def _one_of(field: str, value, allowed) -> None:
   _require(value in allowed, f"config.{field}={value!r} is not one of {list(allowed)}")
 
 
+def _finite(field: str, value) -> None:
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+  _require(ok, f"config.{field}={value!r} must be a finite number")
+
+
+def _in_range(field: str, value, lo: float, hi: float, lo_open: bool = False, hi_open: bool = True) -> None:
+  _finite(field, value)
+  ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+  interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+  _require(ok, f"config.{field}={value} must be in {interval}")
+
+
 def validate_model(m) -> None:
+  _require(m.d_model >= 1, f"config.model.d_model={m.d_model} must be >= 1")
   _require(m.num_layers >= 1, f"config.model.num_layers={m.num_layers} must be >= 1")
   _require(m.num_heads >= 1, f"config.model.num_heads={m.num_heads} must be >= 1")
   _require(bool(m.head_dim) or m.d_model % m.num_heads == 0,
@@ -27,7 +44,15 @@ def validate_model(m) -> None:
   _require(m.d_ff >= 1, f"config.model.d_ff={m.d_ff} must be >= 1")
   _one_of("model.activation", m.activation, sorted(ACTIVATIONS))
   _one_of("model.norm", m.norm, ("pre", "post"))
-  _one_of("model.position", m.position, ("learned", "sinusoidal", "none"))
+  _one_of("model.post_ln_skip", m.get("post_ln_skip", "identity"), ("identity", "ln"))
+  _one_of("model.position", m.position, ("learned", "sinusoidal", "rope", "none"))
+  _one_of("model.norm_type", m.get("norm_type", "layernorm"), ("layernorm", "rmsnorm"))
+  kv = m.get("num_kv_heads", 0)
+  _require(kv >= 0 and (kv == 0 or m.num_heads % kv == 0),
+           f"config.model.num_kv_heads={kv} must divide num_heads={m.num_heads} (0: num_heads)")
+  _require(m.get("sliding_window", 0) >= 0, f"config.model.sliding_window={m.get('sliding_window')} must be >= 0")
+  _require(m.position != "rope" or (m.head_dim or m.d_model // m.num_heads) % 2 == 0,
+           "config.model.position='rope' needs an even head_dim")
   _one_of("model.dtype", m.dtype, sorted(DTYPES))
   _require(0.0 <= m.dropout_rate < 1.0, f"config.model.dropout_rate={m.dropout_rate} must be in [0, 1)")
   s = m.skip
@@ -41,6 +66,7 @@ def validate_model(m) -> None:
   _require(s.gsize >= 1, f"config.model.skip.gsize={s.gsize} must be >= 1")
   _require(s.capacity_factor > 0, f"config.model.skip.capacity_factor={s.capacity_factor} must be > 0")
   _require(s.temperature > 0, f"config.model.skip.temperature={s.temperature} must be > 0")
+  _in_range("model.skip.aux_weight", s.aux_weight, 0.0, math.inf)
   warmup = s.get("density_warmup_steps", 0)
   _require(warmup >= 0, f"config.model.skip.density_warmup_steps={warmup} must be >= 0")
   _require(not (warmup and s.dispatch == "capacity"),
@@ -60,9 +86,23 @@ def validate_data(d, model) -> None:
 
 def validate_train(t) -> None:
   _one_of("train.optimizer", t.optimizer, ("adamw", "adafactor"))
-  for field in ("num_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+  for field in ("num_steps", "log_every_steps", "eval_every_steps", "eval_batches", "checkpoint_every_steps",
+                "keep_checkpoints"):
     _require(t[field] >= 1, f"config.train.{field}={t[field]} must be >= 1")
-  _require(t.learning_rate > 0, f"config.train.learning_rate={t.learning_rate} must be > 0")
+  _require(t.warmup_steps >= 0, f"config.train.warmup_steps={t.warmup_steps} must be >= 0")
+  _in_range("train.learning_rate", t.learning_rate, 0.0, MAX_LEARNING_RATE, lo_open=True, hi_open=False)
+  _in_range("train.grad_clip", t.grad_clip, 0.0, math.inf)  # 0 = no clipping
+  _in_range("train.weight_decay", t.weight_decay, 0.0, math.inf)
+  _in_range("train.min_lr_ratio", t.min_lr_ratio, 0.0, 1.0, hi_open=False)
+  _in_range("train.b1", t.b1, 0.0, 1.0)
+  _in_range("train.b2", t.b2, 0.0, 1.0)
+  _in_range("train.adafactor_decay", t.adafactor_decay, 0.0, 1.0, lo_open=True)
+  trainable = t.get("trainable", "")
+  _require(isinstance(trainable, str), f"config.train.trainable={trainable!r} must be a regex string")
+  try:
+    re.compile(trainable)
+  except re.error as e:
+    raise ValueError(f"config.train.trainable={trainable!r} is not a valid regex ({e})") from None
 
 
 def validate_mesh(config, num_devices: int) -> None:
@@ -86,4 +126,6 @@ def validate(config, num_devices: int) -> None:
   validate_model(config.model)
   validate_data(config.data, config.model)
   validate_train(config.train)
+  init_from = config.get("init_from", "")
+  _require(isinstance(init_from, str), f"config.init_from={init_from!r} must be a path string ('' = none)")
   validate_mesh(config, num_devices)

@@ -36,6 +36,22 @@ def _bad(mutate, match, num_devices=8):
      r"config.model.num_heads=3 is not divisible by the mesh model axis \(2\)"),
     (lambda c: (c.mesh.update(shape=(4, 2)), c.model.update(vocab_size=257)),
      r"config.model.vocab_size=257 is not divisible by the mesh model axis \(2\)"),
+    (lambda c: c.model.update(d_model=0), r"config.model.d_model=0 must be >= 1"),
+    (lambda c: c.train.update(grad_clip=-1.0), r"config.train.grad_clip=-1.0 must be in \[0.0, inf\)"),
+    (lambda c: c.train.update(learning_rate=float("nan")), r"config.train.learning_rate=nan must be a finite number"),
+    (lambda c: c.train.update(learning_rate=float("inf")), r"config.train.learning_rate=inf must be a finite number"),
+    (lambda c: c.train.update(learning_rate=1e6), r"config.train.learning_rate=1000000.0 must be in \(0.0, 10.0\]"),
+    (lambda c: c.train.update(learning_rate=1e39), r"config.train.learning_rate=1e\+39 must be in \(0.0, 10.0\]"),
+    (lambda c: c.train.update(learning_rate=0.0), r"config.train.learning_rate=0.0 must be in \(0.0, 10.0\]"),
+    (lambda c: c.train.update(b1=1.0), r"config.train.b1=1.0 must be in \[0.0, 1.0\)"),
+    (lambda c: c.train.update(b2=-0.1), r"config.train.b2=-0.1 must be in \[0.0, 1.0\)"),
+    (lambda c: c.train.update(min_lr_ratio=2.0), r"config.train.min_lr_ratio=2.0 must be in \[0.0, 1.0\]"),
+    (lambda c: c.train.update(weight_decay=-0.1), r"config.train.weight_decay=-0.1 must be in \[0.0, inf\)"),
+    (lambda c: c.train.update(adafactor_decay=1.0), r"config.train.adafactor_decay=1.0 must be in \(0.0, 1.0\)"),
+    (lambda c: c.train.update(eval_batches=0), r"config.train.eval_batches=0 must be >= 1"),
+    (lambda c: c.train.update(warmup_steps=-1), r"config.train.warmup_steps=-1 must be >= 0"),
+    (lambda c: c.train.update(trainable="(router"), r"config.train.trainable='\(router' is not a valid regex"),
+    (lambda c: c.model.skip.update(aux_weight=-0.1), r"config.model.skip.aux_weight=-0.1 must be in \[0.0, inf\)"),
 ])
 def test_config_errors_name_the_field(mutate, match):
   _bad(mutate, match)

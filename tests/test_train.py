@@ -97,12 +97,16 @@ def test_text_source_training(tmp_path):
   assert final["eval_loss"] < math.log(257)
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-  config = _tiny_config(learning_rate=1e30, warmup_steps=1, grad_clip=0.0, checkpoint_every_steps=1)
-  with pytest.raises(FloatingPointError, match=r"non-finite training loss at step \d+ .* last good checkpoint is step \d+"):
+def test_non_finite_loss_stops_naming_the_committed_checkpoint(tmp_path):
+  # Update 2 overflows (weight decay 1e38 · lr 10), so step 3's loss is NaN; orbax saves the
+  # first step, then every third. (A non-finite update at a save step: tests/test_robust.py.)
+  config = _tiny_config(num_steps=6, log_every_steps=1, checkpoint_every_steps=3, weight_decay=1e38,
+                        learning_rate=10.0, warmup_steps=1)
+  with pytest.raises(FloatingPointError, match=r"non-finite training loss \(loss=nan.* at step 3; stopped, "
+                                               r"the last good checkpoint is step 1 in "):
     loop.train_and_evaluate(config, str(tmp_path))
-  saved = _finished_checkpoints(tmp_path)
-  from skipjax.train.checkpoint import Checkpointer
+  assert _finished_checkpoints(tmp_path) == [1]
+  assert sorted(_losses(tmp_path)) == [1, 2]
   import orbax.checkpoint as ocp
-  restored = ocp.CheckpointManager(str(tmp_path / "checkpoints")).restore(saved[-1])
+  restored = ocp.CheckpointManager(str(tmp_path / "checkpoints")).restore(1)
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(restored["params"]))

@@ -87,8 +87,9 @@ def _tokenizer(config, workdir: str | None,
     return tokenizer_lib.ByteTokenizer()
   texts = lambda: (r.text for r in train_records())
   if workdir:
-    return tokenizer_lib.load_or_train_bpe(config.bpe_vocab_size, texts,
-                                           workdir)
+    return tokenizer_lib.load_or_train_bpe(
+        config.bpe_vocab_size, texts, workdir,
+        settings=tokenizer_lib.bpe_settings(config))
   return _cached(
       _tokenizers, (train_key, config.bpe_vocab_size),
       lambda: tokenizer_lib.load_or_train_bpe(config.bpe_vocab_size, texts,

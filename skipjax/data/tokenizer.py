@@ -14,6 +14,7 @@ Both expose `vocab_size`, `eos_id` (the document separator), `fingerprint`
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from typing import Callable, Iterable, Sequence
 
@@ -24,6 +25,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 EOS_TOKEN = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
+SOURCE_FILE = "tokenizer_source.json"  # the data settings the BPE was trained with
 
 
 class ByteTokenizer:
@@ -99,20 +101,59 @@ def _write_atomically(path: epath.Path, text: str) -> None:
   tmp.rename(path)
 
 
+def _check_source(path: epath.Path, settings: dict | None) -> None:
+  """A saved BPE is reused only for the data settings it was trained with."""
+  if settings is None:
+    return
+  source_path = path.parent / SOURCE_FILE
+  if not source_path.exists():
+    raise ValueError(
+        f"tokenizer file {os.fspath(path)!r} has no {SOURCE_FILE} recording the data it was trained "
+        f"on; this run wants a BPE of {_describe(settings)}: delete it to retrain, or write "
+        f"{os.fspath(source_path)!r} with {json.dumps(settings, sort_keys=True)} to reuse it")
+  try:
+    stored = json.loads(source_path.read_text())
+  except ValueError as e:
+    raise ValueError(f"{os.fspath(source_path)!r} is not valid JSON ({e})") from None
+  if stored != settings:
+    diff = ", ".join(f"{k}: {stored.get(k)!r} -> {settings.get(k)!r}"
+                     for k in sorted(set(stored) | set(settings)) if stored.get(k) != settings.get(k))
+    raise ValueError(f"tokenizer file {os.fspath(path)!r} was trained on other data (config.data: {diff}); "
+                     "delete it (and its tokenizer_source.json) to retrain, or use another --workdir")
+
+
+def _describe(settings: dict) -> str:
+  return ", ".join(f"{k}={v!r}" for k, v in sorted(settings.items()))
+
+
+def bpe_settings(data_config) -> dict:
+  """What a BPE trained for `config.data` depends on (stored beside tokenizer.json)."""
+  settings = {"source": data_config.source, "bpe_vocab_size": data_config.bpe_vocab_size,
+              "max_records": data_config.max_records}
+  if data_config.source.startswith("tfds:"):
+    settings.update(tfds_split=data_config.tfds_split, tfds_text_key=data_config.tfds_text_key)
+  return settings
+
+
 def load_or_train_bpe(vocab_size: int, train_texts: Callable[[], Iterable[str]],
-                      workdir: str | None) -> BpeTokenizer:
+                      workdir: str | None, settings: dict | None = None) -> BpeTokenizer:
   """`<workdir>/tokenizer.json` if present, else a BPE trained on the texts.
 
   Args:
     vocab_size: `config.data.bpe_vocab_size`.
     train_texts: returns the train split's texts (called only if training).
     workdir: where the tokenizer is saved/reloaded; None trains in memory.
+    settings: the data settings the BPE is for (`bpe_settings`); saved as
+      `tokenizer_source.json` beside it, and a saved tokenizer whose settings
+      differ (or are unrecorded) is refused instead of silently reused. None
+      (decoding a workdir) skips the check.
 
   Returns:
     The tokenizer; when trained and `workdir` is set it has been saved.
   """
   path = epath.Path(workdir) / TOKENIZER_FILE if workdir else None
   if path is not None and path.exists():
+    _check_source(path, settings)
     try:
       tokenizer = BpeTokenizer(tokenizers.Tokenizer.from_str(path.read_text()))
     except Exception as e:  # pylint: disable=broad-except
@@ -127,5 +168,7 @@ def load_or_train_bpe(vocab_size: int, train_texts: Callable[[], Iterable[str]],
   tokenizer = BpeTokenizer.train(train_texts(), vocab_size)
   if path is not None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    if settings is not None:  # first, so a tokenizer.json never exists without its source
+      _write_atomically(path.parent / SOURCE_FILE, json.dumps(settings, sort_keys=True))
     _write_atomically(path, tokenizer.to_str())
   return tokenizer

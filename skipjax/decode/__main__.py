@@ -5,10 +5,11 @@ routing (LtS Alg. 2), prints the output, and writes `DIR/decode.json` (tokens an
 skipped per generated token) and `DIR/plots/skipped_layers.png` (LtS Fig. 7).
 """
 import json
-import logging as py_logging
 import os
 
-from absl import app, flags, logging
+from absl import app, flags
+
+from skipjax import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints/).")
 _PROMPT = flags.DEFINE_string("prompt", None, "Text prompt (byte or BPE tokenizer of the workdir).")
@@ -21,19 +22,22 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest
 flags.mark_flags_as_required(["workdir"])
 
 
-class _LibraryInfoFilter(py_logging.Filter):
-  """Drops INFO chatter from orbax/jax internals; their warnings and errors still show."""
-
-  def filter(self, record):
-    noisy = any(name in record.pathname for name in ("/orbax/", "/jax/_src/"))
-    return record.levelno >= py_logging.WARNING or not noisy
+def parse_token_ids(values) -> list:
+  """`--prompt_tokens` entries as ints (ValueError naming the flag and the bad entry)."""
+  ids = []
+  for value in values:
+    try:
+      ids.append(int(value.strip()))
+    except ValueError:
+      raise ValueError(f"--prompt_tokens={','.join(values)!r}: {value!r} is not an integer token id") from None
+  return ids
 
 
 def _prompt_ids(tokenizer) -> list:
   if (_PROMPT.value is None) == (_PROMPT_TOKENS.value is None):
     raise app.UsageError("give exactly one of --prompt and --prompt_tokens")
   if _PROMPT_TOKENS.value is not None:
-    return [int(t) for t in _PROMPT_TOKENS.value]
+    return parse_token_ids(_PROMPT_TOKENS.value)
   if tokenizer is None:
     raise app.UsageError("--prompt needs a text tokenizer; this workdir trained on a synthetic task "
                          "(config.data.source), use --prompt_tokens")
@@ -43,7 +47,7 @@ def _prompt_ids(tokenizer) -> list:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(_LibraryInfoFilter())
+  cli.quiet_libraries()
   import jax  # after flag parsing, so --jax_* flags and XLA_FLAGS apply
   import numpy as np
 
@@ -57,7 +61,7 @@ def main(argv):
     raise app.UsageError("the prompt is empty")
   vocab = restored.config.model.vocab_size
   if max(prompt) >= vocab or min(prompt) < 0:
-    raise app.UsageError(f"--prompt_tokens must lie in 0..{vocab - 1} (config.model.vocab_size)")
+    raise ValueError(f"--prompt_tokens must lie in 0..{vocab - 1} (config.model.vocab_size), got {prompt}")
   eos_id = getattr(restored.tokenizer, "eos_id", None)
   result = generation.generate(restored.model, restored.params, np.asarray([prompt], np.int32),
                                _MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
@@ -82,4 +86,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -27,8 +27,11 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"--workdir={workdir!r} has no config.json (not a training workdir)")
-  with open(path, encoding="utf-8") as f:
-    return ml_collections.ConfigDict(json.load(f))
+  try:
+    with open(path, encoding="utf-8") as f:
+      return ml_collections.ConfigDict(json.load(f))
+  except ValueError as e:
+    raise ValueError(f"{path} is not valid JSON ({e})") from None
 
 
 def load_tokenizer(config: ml_collections.ConfigDict, workdir: str):
@@ -57,12 +60,16 @@ def restore(workdir: str, step: Optional[int] = None) -> Restored:
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
                         jax.eval_shape(init_fn, jax.random.key(0)))
+  if not checkpoint_lib.Checkpointer.committed_steps_in(workdir):
+    raise FileNotFoundError(f"--workdir={workdir!r} has no checkpoint under {os.path.join(workdir, 'checkpoints')}")
   ckpt = checkpoint_lib.Checkpointer(workdir, every_steps=1, keep=1_000_000)
   try:
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"--workdir={workdir!r} has no checkpoint under {ckpt.directory}")
+    steps = ckpt.all_steps()
+    step = steps[-1] if step is None else step
+    if step not in steps:
+      raise checkpoint_lib.CheckpointError(f"--step={step}: no such checkpoint in {ckpt.directory} "
+                                           f"(steps: {', '.join(map(str, steps))})")
     state = ckpt.restore(target, step)
   finally:
-    ckpt.manager.close()
+    ckpt.close()
   return Restored(config, model, state.params, int(step), load_tokenizer(config, workdir))

@@ -1,26 +1,18 @@
-"""`python -m skipjax.train --config=configs/lm.py:tiny --workdir=DIR [--config.x=y ...]`."""
-import logging as py_logging
-
+"""`python -m skipjax.train --config=configs/lm.py:tiny --workdir=DIR [--config.x=y ...] [--traceback]`."""
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from skipjax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (path:preset).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and plots go.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _LibraryInfoFilter(py_logging.Filter):
-  """Drops INFO chatter from orbax/jax internals; their warnings and errors still show."""
-
-  def filter(self, record):
-    noisy = any(name in record.pathname for name in ("/orbax/", "/jax/_src/"))
-    return record.levelno >= py_logging.WARNING or not noisy
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(_LibraryInfoFilter())
+  cli.quiet_libraries()
   import jax  # after flag parsing, so --jax_* flags and XLA_FLAGS apply
 
   from skipjax.train.loop import train_and_evaluate
@@ -30,4 +22,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -17,8 +17,10 @@ from tqdm import tqdm
 from skipjax import data as data_lib
 from skipjax import models, plots, routing, validation
 from skipjax.train import checkpoint as checkpoint_lib
+from skipjax.train import init_from as init_from_lib
 from skipjax.train import metrics as metrics_lib
 from skipjax.train import optim, sharding, state as state_lib, step as step_lib
+from skipjax.train import workdir as workdir_lib
 
 VOCAB_MULTIPLE = 64
 
@@ -42,12 +44,37 @@ def device_batch(batch: Dict[str, np.ndarray], batch_sharding) -> Dict[str, jax.
   return {k: jax.make_array_from_process_local_data(batch_sharding, v[lo:lo + rows]) for k, v in batch.items()}
 
 
-def _check_finite(step: int, metrics: Dict[str, jax.Array], ckpt: checkpoint_lib.Checkpointer) -> None:
+class NonFinite(Exception):
+  """Raised inside the loop; turned into FloatingPointError once the checkpointer has closed."""
+
+  def __init__(self, step: int, what: str):
+    super().__init__(step, what)
+    self.step, self.what = step, what
+
+
+def _check_metrics(step: int, metrics: Dict[str, jax.Array]) -> None:
   loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
   if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-    raise FloatingPointError(
-        f"non-finite training loss at step {step} (loss={loss}, grad_norm={grad_norm}); stopped. "
-        f"The last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
+    raise NonFinite(step, f"training loss (loss={loss}, grad_norm={grad_norm})")
+
+
+@jax.jit
+def _all_finite(params) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))
+
+
+def _check_params(step: int, params) -> None:
+  """The state about to be saved: an update can make weights non-finite at a finite loss."""
+  if not bool(_all_finite(params)):
+    raise NonFinite(step, "parameters after the update")
+
+
+def _stopped_message(error: NonFinite, ckpt: checkpoint_lib.Checkpointer) -> str:
+  committed = ckpt.committed_steps()  # after close(): every save has committed or failed
+  last = (f"the last good checkpoint is step {committed[-1]} in {ckpt.directory}" if committed
+          else f"no checkpoint was committed in {ckpt.directory}")
+  return (f"non-finite {error.what} at step {error.step}; stopped, {last} (a non-finite state is never saved; "
+          f"check config.train.learning_rate, weight_decay and grad_clip)")
 
 
 def evaluate(eval_fn, params, eval_ds, num_batches: int, batch_sharding) -> Dict[str, float]:
@@ -85,32 +112,103 @@ def flops_per_token(config: ml_collections.ConfigDict, record: Dict[str, float])
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
-  """Train `config` in `workdir`, resuming from its latest checkpoint if there is one."""
-  validation.validate(config, jax.device_count())
+  """Train `config` in `workdir`, resuming from its latest intact checkpoint if there is one.
+
+  The workdir is locked for the run (a second run in it is refused); a resume whose config
+  differs from the stored config.json outside `workdir_lib.RESUME_MAY_CHANGE` is refused before
+  anything is written; with `config.init_from` a fresh run starts from another model's weights.
+  """
+  if config.get("init_from"):  # the rest is validated once the source's model config is applied
+    validation.validate_train(config.train)
+    init_from_lib.source_kind(config.init_from)
+  else:
+    validation.validate(config, jax.device_count())
   os.makedirs(workdir, exist_ok=True)
+  lock = workdir_lib.WorkdirLock(workdir) if jax.process_index() == 0 else None
+  if lock is not None:
+    lock.acquire()
+  try:
+    return _train(config, workdir)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _prepare_config(config: ml_collections.ConfigDict, workdir: str):
+  """init_from model config, resume check (before anything is written), data, vocab.
+
+  Returns (train_ds, eval_ds)."""
+  stored = workdir_lib.read_config(workdir)
+  resuming = bool(checkpoint_lib.Checkpointer.committed_steps_in(workdir))
+  if config.get("init_from"):
+    # A resumed run continues from its own checkpoint: its architecture is the stored one.
+    same = resuming and stored is not None and stored.get("init_from") == config.init_from
+    init_from_lib.apply_model_config(config, stored["model"] if same else None)
+    validation.validate(config, jax.device_count())
+  if resuming and stored is not None:
+    auto_vocab = ("model.vocab_size",) if config.model.vocab_size == 0 else ()  # resolved from the data below
+    workdir_lib.check_resume(workdir, stored, config, ignore=auto_vocab)
+  elif stored is not None:
+    logging.info("%s has a config.json but no checkpoint (a run stopped before its first save): starting over",
+                 workdir)
   train_ds = data_lib.get_dataset(config.data, split="train", seed=config.seed, workdir=workdir)
   eval_ds = data_lib.get_dataset(config.data, split="eval", seed=config.seed, workdir=workdir)
   resolve_vocab(config, train_ds.vocab_size)
   validation.validate_mesh(config, jax.device_count())
-  is_main = jax.process_index() == 0
-  if is_main:
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json(indent=2))
+  if resuming and stored is not None:
+    workdir_lib.check_resume(workdir, stored, config)
+  if jax.process_index() == 0:
+    workdir_lib.write_config(workdir, config)
+  return train_ds, eval_ds
 
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
+  train_ds, eval_ds = _prepare_config(config, workdir)
+  is_main = jax.process_index() == 0
   mesh = sharding.make_mesh(config.mesh)
   model = models.build(config.model)
   tx, schedule = optim.make_optimizer(config.train)
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
   example = jnp.zeros((1, config.data.seq_len), jnp.int32)
   state, state_shardings = state_lib.create_train_state(model, tx, init_rng, example, mesh)
+  num_params, num_trainable = init_from_lib.parameter_counts(config.train.trainable, state.params)
+  if num_trainable == 0:
+    raise ValueError(f"config.train.trainable={config.train.trainable!r} matches no parameter (paths look like "
+                     f"{init_from_lib.example_paths(state.params)})")
+  logging.info("parameters: %d total, %d trainable", num_params, num_trainable)
 
   ckpt = checkpoint_lib.Checkpointer(workdir, config.train.checkpoint_every_steps, config.train.keep_checkpoints)
-  resume_step = ckpt.latest_step()
-  if resume_step is not None:
-    state = ckpt.restore(state_lib.abstract_like(state, state_shardings), resume_step)
-    logging.info("resumed from checkpoint step %d in %s", resume_step, ckpt.directory)
-  writer = metrics_lib.MetricWriter(workdir, resume_step=resume_step, tensorboard=is_main)
+  writer = None
+  try:
+    restored = ckpt.restore_latest_intact(state_lib.abstract_like(state, state_shardings))
+    if restored is not None:
+      state = restored
+      logging.info("resumed from checkpoint step %d in %s", int(jax.device_get(state.step)), ckpt.directory)
+    elif config.get("init_from"):
+      state = state.replace(params=init_from_lib.overlay_params(config.init_from, state.params,
+                                                                state_shardings.params))
+    start = int(jax.device_get(state.step))
+    writer = metrics_lib.MetricWriter(workdir, resume_step=start, tensorboard_events=is_main)
+    last = _loop(config, model, tx, schedule, state, state_shardings, mesh, train_rng, train_ds, eval_ds, ckpt,
+                 writer, start, {"num_params": num_params, "num_trainable_params": num_trainable})
+  except NonFinite as e:
+    ckpt.close()
+    raise FloatingPointError(_stopped_message(e, ckpt)) from None
+  finally:
+    ckpt.close()
+    if writer is not None:
+      writer.close()
+  if is_main:
+    records = metrics_lib.read_metrics(workdir)
+    plots.loss_curve(records, os.path.join(workdir, "plots", "loss.png"))
+    if any("eval_depth_hard" in r for r in records):
+      plots.depth_by_class(records, data_lib.DIFFICULTY_CLASSES, os.path.join(workdir, "plots", "depth_by_class.png"))
+  return last
 
+
+def _loop(config, model, tx, schedule, state, state_shardings, mesh, train_rng, train_ds, eval_ds, ckpt, writer,
+          start: int, constants: Dict[str, float]) -> Dict[str, float]:
+  is_main = jax.process_index() == 0
   batch_sharding = sharding.batch_sharding(mesh)
   replicated = sharding.replicated(mesh)
   p_train = jax.jit(functools.partial(step_lib.train_step, model=model, tx=tx),
@@ -120,7 +218,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                    in_shardings=(state_shardings.params, batch_sharding, replicated), out_shardings=replicated)
 
   cfg = config.train
-  start = int(jax.device_get(state.step))
   tokens_per_step = config.data.batch_size * config.data.seq_len
   bar = tqdm(total=cfg.num_steps, initial=start, disable=not (cfg.progress_bar and sys.stderr.isatty()),
              desc="train", unit="step")
@@ -132,7 +229,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     batch = {k: v for k, v in train_ds.batch(i).items() if k in ("inputs", "targets")}
     state, metrics = p_train(state, device_batch(batch, batch_sharding), train_rng)
     if pending is not None:  # checked one step late so the host never stalls the device
-      _check_finite(*pending, ckpt)
+      _check_metrics(*pending)
     pending = (step, metrics)
     bar.update(1)
     do_log = step % cfg.log_every_steps == 0 or step == cfg.num_steps
@@ -140,7 +237,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     do_save = ckpt.should_save(step) or step == cfg.num_steps
     if not (do_log or do_eval or do_save):
       continue
-    _check_finite(*pending, ckpt)
+    _check_metrics(*pending)
     pending = None
     record = {k: np.asarray(v).tolist() for k, v in jax.device_get(metrics).items()}
     if do_log:
@@ -149,7 +246,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       record["steps_per_sec"] = (step - t0_step) / max(elapsed, 1e-9)
       record["tokens_per_sec"] = record["steps_per_sec"] * tokens_per_step
       record["flops_per_token"] = flops_per_token(config, record)
+      record.update(constants)
       t0, t0_step = time.time(), step
+    if do_save:
+      _check_params(step, state.params)
     if do_eval:
       record.update(evaluate(p_eval, state.params, eval_ds, cfg.eval_batches, batch_sharding))
     if do_log or do_eval:
@@ -162,11 +262,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     if do_save:
       ckpt.save(step, state, force=step == cfg.num_steps)
   bar.close()
-  ckpt.close()
-  writer.close()
-  if is_main:
-    records = metrics_lib.read_metrics(workdir)
-    plots.loss_curve(records, os.path.join(workdir, "plots", "loss.png"))
-    if any("eval_depth_hard" in r for r in records):
-      plots.depth_by_class(records, data_lib.DIFFICULTY_CLASSES, os.path.join(workdir, "plots", "depth_by_class.png"))
   return last

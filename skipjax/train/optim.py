@@ -44,4 +44,10 @@ def make_optimizer(cfg: ml_collections.ConfigDict):
     raise ValueError(f"config.train.optimizer={cfg.optimizer!r} is not one of adamw, adafactor")
   if cfg.grad_clip:
     tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx)
+  trainable = cfg.get("trainable", "")
+  if trainable:
+    # Frozen parameters get zero updates (and no optimizer state); clipping sees trainable grads only.
+    from skipjax.train.init_from import trainable_labels  # pylint: disable=import-outside-toplevel
+    tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()},
+                               lambda params: trainable_labels(trainable, params))
   return tx, schedule

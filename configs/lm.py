@@ -17,6 +17,7 @@ def model_config() -> ml_collections.ConfigDict:
       norm="pre", final_norm=True, tie_embeddings=True, use_bias=True,
       layer_norm_eps=1e-5, layer_norm_affine=True, embed_proj_dim=0, causal=True, oracle_threshold=0.0,
       dropout_rate=0.0, dtype="float32", scan_layers=False, remat=False,
+      plan="",                 # execution plan, e.g. '0:3,5:8' (README "Execution plans"); '': identity
       skip=ml_collections.ConfigDict(dict(
           router="none", dispatch="masked", target_density=1.0, granularity="layer",
           gsize=64, capacity_factor=1.25, aux_weight=0.1, temperature=1.0, density_warmup_steps=0)),

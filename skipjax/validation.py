@@ -4,6 +4,7 @@ import re
 
 import numpy as np
 
+from skipjax.depth import plan as plan_lib
 from skipjax.layers.mlp import ACTIVATIONS
 from skipjax.models.config import DTYPES
 from skipjax.train.sharding import mesh_shape
@@ -38,6 +39,9 @@ def _in_range(field: str, value, lo: float, hi: float, lo_open: bool = False, hi
 def validate_model(m) -> None:
   _require(m.d_model >= 1, f"config.model.d_model={m.d_model} must be >= 1")
   _require(m.num_layers >= 1, f"config.model.num_layers={m.num_layers} must be >= 1")
+  plan = plan_lib.parse(m.get("plan", ""), m.num_layers)  # one-line ValueError naming config.model.plan
+  _require(not m.get("scan_layers", False) or plan_lib.is_identity(plan, m.num_layers),
+           f"config.model.plan={m.get('plan')!r} needs scan_layers=False: scanned layers serve only the identity plan")
   _require(m.num_heads >= 1, f"config.model.num_heads={m.num_heads} must be >= 1")
   _require(bool(m.head_dim) or m.d_model % m.num_heads == 0,
            f"config.model.num_heads={m.num_heads} does not divide d_model={m.d_model}")

@@ -45,9 +45,8 @@ def test_scan_and_loop_layouts_compute_the_same_function():
   tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, 61)
   loop_model, loop_params = _init(models.TransformerConfig(**BASE), tokens)
   scan_model = models.build(models.TransformerConfig(**BASE, scan_layers=True))
-  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[loop_params[f"block_{i}"] for i in range(3)])
-  scan_params = {k: v for k, v in loop_params.items() if not k.startswith("block_")}
-  scan_params["layers"] = {"block": stacked}
+  scan_params = models.layout.to_scan(loop_params)
+  assert scan_params["layers"]["block"]["mlp"]["wi"]["kernel"].shape[0] == 3
   np.testing.assert_allclose(scan_model.apply({"params": scan_params}, tokens),
                              loop_model.apply({"params": loop_params}, tokens), atol=1e-5)
 

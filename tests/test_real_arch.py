@@ -192,9 +192,7 @@ def test_routed_qwen2_greedy_decoding_equals_full_forward(converted):
 
 def test_scan_layers_equal_the_loop(converted):
   cfg, params, want = converted("mistral_window")
-  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[f"block_{i}"] for i in range(cfg.num_layers)])
-  scan_params = {k: v for k, v in params.items() if not k.startswith("block_")}
-  scan_params["layers"] = {"block": stacked}
+  scan_params = models.layout.to_scan(params, cfg.num_layers)
   got = _forward(dataclasses.replace(cfg, scan_layers=True), scan_params, _tokens())
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-4)
 

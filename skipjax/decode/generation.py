@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from skipjax import models
+from skipjax.depth import plan as plan_lib
+from skipjax.models import layout
 
 Params = Any
 Cache = Any
@@ -30,8 +32,10 @@ class GenerationResult(NamedTuple):
     row b's `prompt_length + N` hold `pad_id`).
   generated: [B, N] int32, the generated tokens only.
   executed: [N, L, B] float32, per generated token and layer whether the layer executed in the
-    step that produced the token (layer gate; with per-block gates the mean of the block gates).
-  skipped_layers: [B, N] float32, L − Σ_l executed: layers each generated token skipped.
+    step that produced the token (layer gate; with per-block gates the mean of the block gates);
+    under a non-identity `config.plan` one row per plan position, [N, P, B].
+  skipped_layers: [B, N] float32, L − Σ_l executed: layers each generated token skipped (a plan
+    that repeats layers can make it negative).
   """
   tokens: jnp.ndarray
   generated: jnp.ndarray
@@ -39,21 +43,24 @@ class GenerationResult(NamedTuple):
   skipped_layers: jnp.ndarray
 
 
-def _sown_names(gates: Mapping[str, Any]) -> set:
-  """Names sown by the blocks of a `gates` collection (loop or scanned layer layout)."""
-  if "layers" in gates:
-    return set(gates["layers"]["block"])
-  return {n for k, block in gates.items() if k.startswith("block_") for n in block}
-
-
-def executed_layers(gates: Mapping[str, Any], num_layers: int, batch_size: int) -> jnp.ndarray:
+def executed_layers(gates: Mapping[str, Any], num_layers: int, batch_size: int, plan=None) -> jnp.ndarray:
   """[L, B] float32: whether each layer executed for the current token (one decoding step).
 
   LtS Alg. 2: with layer routing (`layer_mask`) 1 where the router activated the layer; with
   per-block routing the mean of the sown block gates (attention/FFN), as in the training
-  metric `executed_depth`; a dense model executes every layer.
+  metric `executed_depth`; a dense model executes every layer. Under a non-identity execution
+  `plan` one row per plan position (a branch the plan turns off counts as not executed).
   """
-  names = _sown_names(gates)
+  names = set(layout.sown_names(gates))
+  if plan is not None and not plan_lib.is_identity(plan, num_layers):
+    if "layer_mask" in names:
+      return layout.per_layer(gates, "layer_mask", plan, 0.0).reshape(len(plan), batch_size).astype(jnp.float32)
+    rows = [layout.per_layer(gates, n, plan, 0.0).reshape(len(plan), batch_size).astype(jnp.float32)
+            for n in ("attn_mask", "ffn_mask") if n in names]
+    if rows:
+      return sum(rows) / len(rows)
+    runs = jnp.asarray([(e.attn + e.ffn) / 2 for e in plan], jnp.float32)  # [P]
+    return jnp.broadcast_to(runs[:, None], (len(plan), batch_size))
   if "layer_mask" in names:
     return models.per_layer(gates, "layer_mask").reshape(num_layers, batch_size).astype(jnp.float32)
   blocks = [models.per_layer(gates, n).reshape(num_layers, batch_size).astype(jnp.float32)
@@ -77,7 +84,8 @@ def decode_step(model: nn.Module, params: Params, cache: Cache, token: jnp.ndarr
   rngs = {"gate": gate_rng if gate_rng is not None else jax.random.key(0)}
   logits, state = model.apply({"params": params, "cache": cache}, token, decode=True,
                               mutable=["cache", "gates"], rngs=rngs)
-  executed = executed_layers(state.get("gates", {}), model.config.num_layers, token.shape[0])
+  cfg = model.config
+  executed = executed_layers(state.get("gates", {}), cfg.num_layers, token.shape[0], cfg.execution_plan)
   return logits[:, -1], state["cache"], executed
 
 

@@ -126,32 +126,33 @@ class MultiHeadAttention(nn.Module):
     return self.attend(x_q, q_pos, k, v, positions, kv_valid)
 
   @nn.compact
-  def decode_step(self, x: jnp.ndarray, index: jnp.ndarray, attend: bool = True):
+  def decode_step(self, x: jnp.ndarray, index: jnp.ndarray, attend: bool = True, cache: str = ""):
     """One token per step with a KV cache (`cache` collection of length max_len).
 
     Writes K/V of `x` [B,1,d] at slot `index` ([B,1,Hkv,D]: only the K/V heads are cached),
     then (if `attend`) attends to slots <= index. The cache variables are created on the first
-    (init) call from the full-length `x`.
+    (init) call from the full-length `x`. `cache`: suffix of the cache variables' names (a
+    parameter slot run at several depth positions keeps one cache per position).
     """
-    initialized = self.has_variable("cache", "cached_key")
+    initialized = self.has_variable("cache", f"cached_key{cache}")
     if not initialized:  # init call with the full-length input: plain causal attention.
       pos = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
       k, v = self.project_kv(x, pos)
     else:  # under RoPE the key is rotated at the slot (position) it is written to
       k, v = self.project_kv(x, jnp.full(x.shape[:2], index))
-    cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
-    cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+    cached_k = self.variable("cache", f"cached_key{cache}", jnp.zeros, k.shape, k.dtype)
+    cached_v = self.variable("cache", f"cached_value{cache}", jnp.zeros, v.shape, v.dtype)
     if not initialized:
       return self.attend(x, pos, k, v, pos)
     cached_k.value = jax.lax.dynamic_update_slice_in_dim(cached_k.value, k.astype(cached_k.value.dtype), index, 1)
     cached_v.value = jax.lax.dynamic_update_slice_in_dim(cached_v.value, v.astype(cached_v.value.dtype), index, 1)
     if not attend:
       return None
-    return self.attend_cached(x, index)
+    return self.attend_cached(x, index, cache)
 
-  def attend_cached(self, x: jnp.ndarray, index: jnp.ndarray) -> jnp.ndarray:
+  def attend_cached(self, x: jnp.ndarray, index: jnp.ndarray, cache: str = "") -> jnp.ndarray:
     """Query `x` [B,1,d] at slot `index` attends to cache slots <= index (no cache write)."""
-    k, v = self.get_variable("cache", "cached_key"), self.get_variable("cache", "cached_value")
+    k, v = self.get_variable("cache", f"cached_key{cache}"), self.get_variable("cache", f"cached_value{cache}")
     batch, max_len = k.shape[:2]
     kv_pos = jnp.broadcast_to(jnp.arange(max_len), (batch, max_len))
     q_pos = jnp.full((batch, 1), index)

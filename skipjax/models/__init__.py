@@ -2,11 +2,12 @@
 from typing import Any, Mapping, Union
 
 import flax.linen as nn
-import jax.numpy as jnp
 
+from skipjax.models import layout
 from skipjax.models.block import Block
 from skipjax.models.config import SkipConfig, TransformerConfig
 from skipjax.models.encoder import Encoder, EncoderConfig
+from skipjax.models.layout import per_layer
 from skipjax.models.transformer import Transformer
 
 _BUILDERS = {"decoder": Transformer, "vit": Encoder, "bert": Encoder, "dinov2": Encoder}
@@ -24,11 +25,3 @@ def build(model_config: Union[Mapping[str, Any], TransformerConfig]) -> nn.Modul
   if _BUILDERS[model_type] is Encoder:
     return Encoder(EncoderConfig.from_dict(model_config))
   return _BUILDERS[model_type](TransformerConfig.from_dict(model_config))
-
-
-def per_layer(tree: Mapping[str, Any], name: str) -> jnp.ndarray:
-  """Stack sown value `name` of every layer into [num_layers, ...] (loop or scanned layout)."""
-  if "layers" in tree:
-    return jnp.asarray(tree["layers"]["block"][name][0])
-  keys = sorted((k for k in tree if k.startswith("block_")), key=lambda k: int(k.split("_")[1]))
-  return jnp.stack([tree[k][name][0] for k in keys])

@@ -7,10 +7,14 @@ One Block serves every method; only the gate differs:
     the routed compute run by `routing.dispatch` (masked | capacity | grouped). Under routing
     K/V are computed for every token, queries/attention/FFN only for routed ones (Alg. 1);
   * applied oracle (RR §4.4): `oracle_threshold` > 0 skips R(x) where ‖R(x)‖/‖x‖ < threshold;
-  * any fixed plan (pruning, skip policies, sensitivity probes): a `gate_override` variable
-    collection {'attn': m, 'ffn': m} ([B, T] in {0, 1}) forces the gate of this block.
-A hard gate m = 0 leaves the token unchanged (y = x); for a post-LN block `post_ln_skip='ln'`
-gives y = LN(x) instead (RR §4.4: only the skip connection runs, the norm stays).
+  * per-token overrides (oracles, probes): a `gate_override` variable collection
+    {'attn': m, 'ffn': m}, or {'layer': m} for a layer-routed block ([B, T] in {0, 1}), forces
+    the gate of this block; a name that matches none of the block's gates is an error.
+Static decisions (pruning, skip policies) are execution plans (skipjax/depth/plan.py): the
+stack passes `branches=(attn, ffn)` and a branch that is off is never traced.
+A hard gate m = 0, or a branch that is off, leaves the token unchanged (y = x); for a post-LN
+block `post_ln_skip='ln'` gives y = LN(x) instead (RR §4.4: only the skip connection runs, the
+norm stays).
 
 Model families are options of the same layers: LayerNorm or RMSNorm (`norm_type`), rotary
 positions from the original token positions (`position='rope'`), plain or gated FFN
@@ -21,7 +25,7 @@ per branch).
 Sown collections: stats/{attn,ffn}_{input,residual}_norm ‖x‖₂, ‖R(x)‖₂ per token (dense path),
 gates/{layer,attn,ffn}_{mask,density,dropped_fraction}, aux_loss/{...}_capacity_loss (λ·(r−P)²).
 """
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -87,6 +91,19 @@ class Block(nn.Module):
       return getattr(self, f"router_{name}")
     return None
 
+  def _gate_names(self) -> Tuple[str, ...]:
+    """The names a `gate_override` may give this block."""
+    return ("layer",) if self._router("layer") is not None else ("attn", "ffn")
+
+  def _check_overrides(self) -> None:
+    given = set(self.variables.get("gate_override", {}))
+    bad = sorted(given - set(self._gate_names()))
+    if bad:
+      s = self.config.skip
+      raise ValueError(f"gate_override {bad} of {self.name or 'the block'} matches no gate: its gates are "
+                       f"{list(self._gate_names())} (config.model.skip.router={s.router!r}, "
+                       f"granularity={s.granularity!r})")
+
   def _override(self, name: str) -> Optional[jnp.ndarray]:
     if self.has_variable("gate_override", name):
       return self.get_variable("gate_override", name)
@@ -149,6 +166,12 @@ class Block(nn.Module):
       return self._scale("attn", r)
     return attention
 
+  def _skipped(self, name: str, x: jnp.ndarray) -> jnp.ndarray:
+    """Output of a residual block that does not run: x, or LN(x) for post-LN with post_ln_skip='ln'."""
+    if self.config.norm == "post" and self.config.post_ln_skip == "ln":
+      return self._ln(name)(x)
+    return x
+
   def _residual(self, name: str, x, positions, kv_valid, layer_index, density=None):
     """One residual block, y = x + m ⊙ R(x) (post-LN: LN(x + R(x)) where m = 1)."""
     fn = self._branch(name, x, positions, kv_valid, layer_index)
@@ -162,8 +185,7 @@ class Block(nn.Module):
       if m is None:
         return y
       self.sow("gates", f"{name}_mask", m)
-      skipped = self._ln(name)(x) if self.config.norm == "post" and self.config.post_ln_skip == "ln" else x
-      return jnp.where(m[..., None] > 0, y, skipped)
+      return jnp.where(m[..., None] > 0, y, self._skipped(name, x))
     d = self._dispatch(fn, x, gate)
     self._sow_routing(name, gate, d, density)
     r = self.dropout(d.output, deterministic=self.deterministic)
@@ -182,29 +204,35 @@ class Block(nn.Module):
       self.sow("stats", f"{name}_input_norm", _token_norm(x))
       self.sow("stats", f"{name}_residual_norm", _token_norm(r))
 
-  def _skip_layer(self, x, positions, kv_valid, layer_index, density=None):
-    """LtS §2.3 / Alg. 1: the whole layer F(x) runs only for routed tokens (Eq. 1/4)."""
+  def _skip_layer(self, x, positions, kv_valid, layer_index, density=None, branches=(True, True)):
+    """LtS §2.3 / Alg. 1: the whole layer F(x) runs only for routed tokens (Eq. 1/4); F has only
+    the branches that are on."""
     gate = self._gate("layer", x, density)
-    attention = self._branch("attn", x, positions, kv_valid, layer_index)
+    attention = self._branch("attn", x, positions, kv_valid, layer_index) if branches[0] else None
 
     def layer(x_sel, idx, valid):
-      h = x_sel + attention(x_sel, idx, valid)
-      return h + self._ffn(h, layer_index)
+      h = x_sel + attention(x_sel, idx, valid) if attention is not None else x_sel
+      return h + self._ffn(h, layer_index) if branches[1] else h
 
     d = self._dispatch(layer, x, gate)
     self._sow_routing("layer", gate, d, density)
     return routing.gated_layer_output(x, self.dropout(d.output, deterministic=self.deterministic), gate, d.mask)
 
-  def __call__(self, x, positions, kv_valid=None, layer_index=0, density=None):
+  def __call__(self, x, positions, kv_valid=None, layer_index=0, density=None, branches=(True, True)):
     """Full-sequence forward. x [B,T,d], positions [B,T], kv_valid [B,T] or None.
 
     `density`: the scheduled target density P_t (`routing.scheduled_density`) for the capacity
     loss and random gating; None means `config.skip.target_density`.
+    `branches`: static (attention, FFN) flags of the execution plan; an off branch is not traced.
     """
+    self._check_overrides()
     if self._router("layer") is not None:
-      return self._skip_layer(x, positions, kv_valid, layer_index, density)
-    x = self._residual("attn", x, positions, kv_valid, layer_index, density)
-    return self._residual("ffn", x, positions, kv_valid, layer_index, density)
+      if not any(branches):
+        return x
+      return self._skip_layer(x, positions, kv_valid, layer_index, density, branches)
+    for name, on in zip(("attn", "ffn"), branches):
+      x = (self._residual(name, x, positions, kv_valid, layer_index, density) if on else self._skipped(name, x))
+    return x
 
   # -- decoding (LtS Alg. 2) -----------------------------------------------------------------
 
@@ -214,31 +242,43 @@ class Block(nn.Module):
       return nn.cond(m.reshape(()) > 0, lambda mdl, x: fn(mdl, x), lambda mdl, x: jnp.zeros_like(x), self, x)
     return jnp.where(m[..., None] > 0, fn(self, x), jnp.zeros_like(x))
 
-  def decode(self, x, index, layer_index=0):
+  def decode(self, x, index, layer_index=0, branches=(True, True), repeat: int = 0):
     """One decoding step with the KV cache: x [B,1,d] at cache slot `index`.
 
     K/V of the current token are always written to the cache; Q/attention/FFN run only where
-    the router routes the token (LtS Alg. 2, deterministic argmax routing).
+    the router routes the token (LtS Alg. 2, deterministic argmax routing). `branches` as in
+    `__call__` (an off attention branch has no cache); `repeat` k > 0: the k-th repetition of
+    this slot in the plan keeps its own cache (`cached_key_k`, `cached_value_k`).
     """
+    self._check_overrides()
+    cache = f"_{repeat}" if repeat else ""
     ffn = lambda mdl, h: mdl._ffn(h, layer_index)
-    gate = self._gate("layer", x)
-    if gate is not None:
-      self.attn.decode_step(self._pre(self.ln_attn, x), index, attend=False)
+    attend = lambda mdl, h: mdl._scale("attn", mdl.attn.attend_cached(mdl._pre(mdl.ln_attn, h), index, cache))
+    if self._router("layer") is not None:
+      if not any(branches):
+        return x
+      gate = self._gate("layer", x)
+      if branches[0]:
+        self.attn.decode_step(self._pre(self.ln_attn, x), index, attend=False, cache=cache)
 
       def layer(mdl, h):
-        h = h + mdl._scale("attn", mdl.attn.attend_cached(mdl.ln_attn(h), index))
-        return h + ffn(mdl, h)
+        h = h + attend(mdl, h) if branches[0] else h
+        return h + ffn(mdl, h) if branches[1] else h
       self.sow("gates", "layer_mask", gate.mask)
       return routing.gated_layer_output(x, self._maybe(gate.mask, layer, x), gate)
-    gate = self._gate("attn", x)
-    if gate is None:
-      a = self._scale("attn", self.attn.decode_step(self._pre(self.ln_attn, x), index))
-      x = x + a if self.config.norm == "pre" else self.ln_attn(x + a)
+    if branches[0]:
+      gate = self._gate("attn", x)
+      if gate is None:
+        a = self._scale("attn", self.attn.decode_step(self._pre(self.ln_attn, x), index, cache=cache))
+        x = x + a if self.config.norm == "pre" else self.ln_attn(x + a)
+      else:
+        self.attn.decode_step(self._pre(self.ln_attn, x), index, attend=False, cache=cache)
+        self.sow("gates", "attn_mask", gate.mask)
+        x = routing.gated_residual(x, self._maybe(gate.mask, attend, x), gate)
     else:
-      self.attn.decode_step(self._pre(self.ln_attn, x), index, attend=False)
-      attend = lambda mdl, h: mdl._scale("attn", mdl.attn.attend_cached(mdl.ln_attn(h), index))
-      self.sow("gates", "attn_mask", gate.mask)
-      x = routing.gated_residual(x, self._maybe(gate.mask, attend, x), gate)
+      x = self._skipped("attn", x)
+    if not branches[1]:
+      return self._skipped("ffn", x)
     gate = self._gate("ffn", x)
     if gate is None:
       f = ffn(self, x)

@@ -4,6 +4,8 @@ from typing import Any, Mapping, Optional
 
 import jax.numpy as jnp
 
+from skipjax.depth import plan as plan_lib
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -58,6 +60,22 @@ class TransformerConfig:
   remat: bool = False
   oracle_threshold: float = 0.0   # RR §4.4 applied oracle: skip R(x) where ‖R(x)‖/‖x‖ < this
   skip: SkipConfig = SkipConfig()
+  # Execution plan (skipjax/depth/plan.py) in its string form, e.g. '0:3,5:8' or '0,1,2,2,3a';
+  # '' is the identity plan. Given as a tuple of PlanEntry it is stored as its string form.
+  plan: str = ""
+
+  def __post_init__(self):
+    if not isinstance(self.plan, str):
+      object.__setattr__(self, "plan", plan_lib.to_string(plan_lib.resolve(self.plan, self.num_layers)))
+    plan = self.execution_plan  # validates: one-line ValueError naming config.model.plan
+    if self.scan_layers and not plan_lib.is_identity(plan, self.num_layers):
+      raise ValueError(f"config.model.plan={self.plan!r} needs scan_layers=False: scanned layers serve only "
+                       "the identity plan (convert params with skipjax.models.layout.to_loop)")
+
+  @property
+  def execution_plan(self) -> plan_lib.Plan:
+    """The plan as a tuple of PlanEntry, one per depth position (identity when `plan` is '')."""
+    return plan_lib.parse(self.plan, self.num_layers)
 
   @property
   def heads_dim(self) -> int:

@@ -5,8 +5,9 @@ Only the embeddings differ from the decoder LM (DESIGN.md: one block serves ever
   ViT     patch conv → [cls; patches] + position embeddings → pre-LN blocks → final LayerNorm
   DINOv2  as ViT, the position grid bicubically resized to the input's patch grid, and blocks
           with layer scale (`layer_scale`, Oquab et al. 2023)
-Both return the last hidden state [B, T, d] in float32. Blocks are `block_{i}`, so the sown
-statistics (`stats/{attn,ffn}_{input,residual}_norm`) read the same as for the decoder.
+Both return the last hidden state [B, T, d] in float32. Blocks are `block_{i}` walked along
+`config.plan` as in the decoder (models/stack.py), so the sown statistics
+(`stats/{attn,ffn}_{input,residual}_norm`) read the same as for the decoder.
 """
 import dataclasses
 from typing import Any, Mapping, Optional
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 
 from skipjax.layers import LearnedPositions, layer_norm, make_norm, token_embedding
 from skipjax.layers.embeddings import resize_position_grid
-from skipjax.models.block import Block
+from skipjax.models import stack
 from skipjax.models.config import TransformerConfig
 
 ENCODER_TYPES = ("bert", "vit", "dinov2")
@@ -147,9 +148,9 @@ class Encoder(nn.Module):
         token_type_ids = jnp.zeros_like(inputs)
       x = BertEmbeddings(cfg, name="embeddings")(inputs, positions, token_type_ids, deterministic)
     block_positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
-    block_cls = nn.remat(Block) if tcfg.remat else Block
-    for i in range(tcfg.num_layers):
-      x = block_cls(tcfg, deterministic, name=f"block_{i}")(x, block_positions, attention_mask, i)
+    stack.check_overrides(self.variables.get("gate_override", {}), tcfg)
+    x = stack.walk(tcfg, deterministic, x, lambda block, x, entry, repeat: block(
+        x, block_positions, attention_mask, entry.slot, None, entry.branches))
     if tcfg.final_norm:
       x = make_norm(tcfg.norm_type, tcfg.layer_norm_eps, tcfg.layer_norm_affine, tcfg.compute_dtype,
                     name="ln_final")(x)

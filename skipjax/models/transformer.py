@@ -5,6 +5,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from skipjax.layers import LearnedPositions, SinusoidalPositions, make_norm, token_embedding
+from skipjax.models import stack
 from skipjax.models.block import Block
 from skipjax.models.config import TransformerConfig
 
@@ -48,7 +49,9 @@ class Transformer(nn.Module):
     return positions, start
 
   def _blocks(self, x, positions, kv_valid, index, density, deterministic: bool, decode: bool):
+    """The blocks along `config.plan` (scanned: the identity plan only, see TransformerConfig)."""
     cfg = self.config
+    stack.check_overrides(self.variables.get("gate_override", {}), cfg)
     if cfg.scan_layers:
       layer = nn.remat(_ScannedLayer, prevent_cse=False) if cfg.remat else _ScannedLayer
       scanned = nn.scan(
@@ -59,11 +62,12 @@ class Transformer(nn.Module):
       layers = scanned(cfg, deterministic, decode, name="layers")
       x, _ = layers(x, jnp.arange(cfg.num_layers), positions, kv_valid, index, density)
       return x
-    block_cls = nn.remat(Block) if cfg.remat else Block
-    for i in range(cfg.num_layers):
-      block = block_cls(cfg, deterministic, name=f"block_{i}")
-      x = block.decode(x, index, i) if decode else block(x, positions, kv_valid, i, density)
-    return x
+
+    def call(block, x, entry, repeat):
+      if decode:
+        return block.decode(x, index, entry.slot, entry.branches, repeat)
+      return block(x, positions, kv_valid, entry.slot, density, entry.branches)
+    return stack.walk(cfg, deterministic, x, call)
 
   @nn.compact
   def __call__(self, tokens: jnp.ndarray, positions: Optional[jnp.ndarray] = None,

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from skipjax import models
+from skipjax.models import layout
 from skipjax.profile.oracle import oracle_keep
 from skipjax.profile.ratios import BRANCHES
 
@@ -62,7 +63,8 @@ def forward(model: nn.Module, params, batch: Dict[str, Any], overrides: Optional
   """`model.apply` on a batch, with optional `gate_override` masks; returns (output, state)."""
   variables = {"params": params}
   if overrides:
-    variables["gate_override"] = overrides
+    scan = isinstance(model.config, models.TransformerConfig) and model.config.scan_layers
+    variables["gate_override"] = layout.to_layout(overrides, scan)
   # By keyword: the decoder's second positional argument is `positions`, the encoder's the mask.
   kwargs = {k: batch[k] for k in ("attention_mask", "positions") if k in batch}
   if mutable:
@@ -93,14 +95,14 @@ def valid_tokens(batch: Dict[str, Any]) -> np.ndarray:
 
 def overrides_from_keep(keep: np.ndarray) -> Overrides:
   """[L, 2, B, T] bool keep decisions → the `gate_override` collection {'block_i': {'attn', 'ffn'}}."""
-  return {f"block_{i}": {name: jnp.asarray(keep[i, b], jnp.float32) for b, name in enumerate(BRANCHES)}
-          for i in range(keep.shape[0])}
+  stacked = {name: jnp.asarray(keep[:, b], jnp.float32) for b, name in enumerate(BRANCHES)}  # [L, B, T]
+  return layout.to_loop({layout.SCAN_KEY: {layout.SCAN_BLOCK: stacked}})
 
 
 def masks_from_gates(gates: Dict[str, Any], layers: int) -> np.ndarray:
   """Sown `gates/{attn,ffn}_mask` → keep [L, 2, B, T] float."""
-  return np.stack([np.stack([np.asarray(gates[f"block_{i}"][f"{name}_mask"][0]) for name in BRANCHES])
-                   for i in range(layers)])
+  keep = np.stack([np.asarray(layout.per_layer(gates, f"{name}_mask")) for name in BRANCHES], axis=1)
+  return keep[:layers]
 
 
 def cost(cfg, output: jnp.ndarray, batch: Dict[str, Any], dense_output: Optional[jnp.ndarray]) -> Dict[str, float]:

@@ -23,31 +23,31 @@ def sum_aux_losses(variables: Dict[str, Any]) -> jnp.ndarray:
   return sum((jnp.sum(x) for x in leaves), jnp.zeros((), jnp.float32))
 
 
-def _sown_names(tree: Dict[str, Any]) -> list:
-  """Names sown by the blocks of a per-layer collection (loop or scanned layout)."""
-  if "layers" in tree:
-    return sorted(tree["layers"]["block"])
-  return sorted({name for key, block in tree.items() if key.startswith("block_") for name in block})
+def _plan(model: nn.Module):
+  """The model's execution plan when it is not the identity ('' plan), else None."""
+  cfg = getattr(model.config, "transformer", model.config)
+  return cfg.execution_plan if cfg.plan else None
 
 
-def routing_metrics(gates: Dict[str, Any]) -> Dict[str, jnp.ndarray]:
-  """Per-layer routed fraction r_i and dropped fraction, and Eff-L = Σ_i r_i (LtS Table 1)."""
+def routing_metrics(gates: Dict[str, Any], plan=None) -> Dict[str, jnp.ndarray]:
+  """Per-layer routed fraction r_i and dropped fraction, and Eff-L = Σ_i r_i (LtS Table 1);
+  under an execution `plan` one row per position that ran the gate."""
   out = {}
-  for name in _sown_names(gates):
+  for name in models.layout.sown_names(gates):
     if name.endswith(("_density", "_dropped_fraction")):
-      out[name] = models.per_layer(gates, name)
+      out[name] = models.per_layer(gates, name, plan)
   density = out.get("layer_density", out.get("ffn_density"))
   if density is not None:
     out["effective_depth"] = jnp.sum(density)
   return out
 
 
-def executed_depth(gates: Dict[str, Any]) -> Optional[jnp.ndarray]:
+def executed_depth(gates: Dict[str, Any], plan=None) -> Optional[jnp.ndarray]:
   """Layers each token executed, [B, T]: Σ_l m_l (per-block gates count half a layer each)."""
-  names = _sown_names(gates)
+  names = models.layout.sown_names(gates)
   if "layer_mask" in names:
-    return jnp.sum(models.per_layer(gates, "layer_mask"), axis=0)
-  block_masks = [jnp.sum(models.per_layer(gates, n), axis=0) for n in ("attn_mask", "ffn_mask") if n in names]
+    return jnp.sum(models.per_layer(gates, "layer_mask", plan), axis=0)
+  block_masks = [jnp.sum(models.per_layer(gates, n, plan), axis=0) for n in ("attn_mask", "ffn_mask") if n in names]
   return sum(block_masks) / 2 if block_masks else None
 
 
@@ -71,7 +71,7 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, model: nn.Mod
         rngs=step_rngs(rng, state.step), mutable=["aux_loss", "gates"])
     nll = jnp.mean(token_nll(logits, batch["targets"]))
     aux = sum_aux_losses(variables)
-    return nll + aux, (nll, aux, routing_metrics(variables.get("gates", {})))
+    return nll + aux, (nll, aux, routing_metrics(variables.get("gates", {}), _plan(model)))
 
   (loss, (nll, aux, routed)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -90,7 +90,7 @@ def eval_step(params: Any, batch: Batch, rng: Optional[jax.Array] = None, *, mod
   logits, variables = model.apply({"params": params}, batch["inputs"], deterministic=deterministic,
                                   mutable=["gates"], rngs={"gate": gate_rng, "dropout": dropout_rng})
   nll = token_nll(logits, batch["targets"])
-  depth = executed_depth(variables.get("gates", {}))
+  depth = executed_depth(variables.get("gates", {}), _plan(model))
   out = {"nll_sum": jnp.sum(nll), "count": jnp.asarray(nll.size, jnp.float32)}
   if depth is not None:
     out["depth_sum"] = jnp.sum(depth)

@@ -11,7 +11,8 @@ sequences of `seq_len` without padding (RR §4: packed, "batch-size one" inferen
 `[CLS] … [SEP]` around each chunk when the tokenizer has them.
 
 Images: `images:<folder>` (every image file below it, sorted) or `images:builtin` (a small
-deterministic set of generated patterns), resized to the model's image size, converted to its
+deterministic set of generated patterns), resized to the model's image size (DINOv2: the
+preprocessor's resize + centre crop, e.g. 256 → 224), converted to its
 channel count (1: luminance, 3: RGB, 4: RGBA; built-in patterns are generated with that many
 channels), NHWC, normalised with the checkpoint's `preprocessor_config.json` mean/std (default
 0.5/0.5 as HF ViT).
@@ -195,9 +196,9 @@ def folder_images(folder: str, num: int, size: int, channels: int = 3, shortest_
   for path in files:
     img = Image.open(path).convert(PIL_MODES[channels])
     if shortest_edge:
-      scale = shortest_edge / min(img.size)
-      img = img.resize((max(size, round(img.size[0] * scale)), max(size, round(img.size[1] * scale))),
-                       Image.BICUBIC)
+      short, long = sorted(img.size)
+      long = int(shortest_edge * long / short)  # truncated, as HF get_resize_output_image_size
+      img = img.resize((shortest_edge, long) if img.size[0] == short else (long, shortest_edge), Image.BICUBIC)
       left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
       out.append(np.asarray(img.crop((left, top, left + size, top + size)), np.float32).reshape(
           size, size, channels) / 255.0)

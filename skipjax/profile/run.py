@@ -15,7 +15,7 @@ import numpy as np
 from absl import logging
 
 from skipjax import models, plots
-from skipjax.convert import hf
+from skipjax.convert import export, hf
 from skipjax.profile import applied, imitation, inputs, oracle, ratios, sensitivity, tiny
 
 
@@ -41,7 +41,10 @@ def load_model(spec: str, config, workdir: str) -> Tuple[str, str, Any, Any]:
     spec = tiny.random_opt(os.path.join(workdir, "tiny_opt"), t.num_layers, t.d_model, t.num_heads, t.ffn_dim,
                            t.vocab_size, max_positions=max(64, config.seq_len), seed=config.seed)
   directory = hf.resolve(spec)
-  cfg, params = hf.load(directory, dtype=jnp.dtype(config.dtype))
+  if os.path.isdir(os.path.join(directory, "params")):  # a skipjax export (convert, depth.prune)
+    cfg, params = export.restore(directory)
+  else:
+    cfg, params = hf.load(directory, dtype=jnp.dtype(config.dtype))
   return model_name(spec), directory, applied.with_post_ln_skip(cfg, config.post_ln_skip), params
 
 

@@ -81,6 +81,14 @@ class BertEmbeddings(nn.Module):
     return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 
 
+def _patch_conv(cfg: EncoderConfig) -> nn.Conv:
+  """Non-overlapping p×p patches → d features (ViT Eq. 1's E as a strided convolution)."""
+  p, tcfg = cfg.patch_size, cfg.transformer
+  return nn.Conv(tcfg.d_model, (p, p), strides=(p, p), padding="VALID", dtype=tcfg.compute_dtype, name="patch_embed",
+                 kernel_init=nn.with_logical_partitioning(_embed_init, (None, None, None, "embed")),
+                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)))
+
+
 class PatchEmbeddings(nn.Module):
   """ViT input (Dosovitskiy et al. 2021 Eq. 1): [x_cls; x_p¹E; …; x_pᴺE] + E_pos, pixels NHWC."""
   config: EncoderConfig
@@ -89,10 +97,7 @@ class PatchEmbeddings(nn.Module):
   def __call__(self, pixels, deterministic: bool = True):
     cfg, tcfg = self.config, self.config.transformer
     dtype = tcfg.compute_dtype
-    p = cfg.patch_size
-    x = nn.Conv(tcfg.d_model, (p, p), strides=(p, p), padding="VALID", dtype=dtype, name="patch_embed",
-                kernel_init=nn.with_logical_partitioning(_embed_init, (None, None, None, "embed")),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)))(pixels)
+    x = _patch_conv(cfg)(pixels)  # [B, H/p, W/p, d]
     x = x.reshape(x.shape[0], -1, tcfg.d_model)
     cls = self.param("cls_token", nn.with_logical_partitioning(_embed_init, ("embed",)), (tcfg.d_model,), jnp.float32)
     cls = jnp.broadcast_to(cls.astype(dtype), (x.shape[0], 1, tcfg.d_model))
@@ -111,10 +116,7 @@ class ResizedPatchEmbeddings(nn.Module):
   def __call__(self, pixels, deterministic: bool = True):
     cfg, tcfg = self.config, self.config.transformer
     dtype = tcfg.compute_dtype
-    p = cfg.patch_size
-    x = nn.Conv(tcfg.d_model, (p, p), strides=(p, p), padding="VALID", dtype=dtype, name="patch_embed",
-                kernel_init=nn.with_logical_partitioning(_embed_init, (None, None, None, "embed")),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)))(pixels)
+    x = _patch_conv(cfg)(pixels)  # [B, H/p, W/p, d]
     b, h, w, d = x.shape
     cls = self.param("cls_token", nn.with_logical_partitioning(_embed_init, ("embed",)), (d,), jnp.float32)
     table = self.param("pos_embed", nn.with_logical_partitioning(_embed_init, (None, "embed")),

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import _helpers
 from skipjax import decode, models
 
 BASE = models.TransformerConfig(vocab_size=61, d_model=32, num_heads=4, num_layers=3, d_ff=64, max_len=24)
@@ -24,14 +25,7 @@ def _model_and_params(router="top1", granularity="layer"):
   tokens = jnp.zeros((1, 8), jnp.int32)
   params = nn.meta.unbox(model.init({"params": jax.random.key(0), "gate": jax.random.key(1)}, tokens)["params"])
 
-  def perturb(path, x):  # mixed routing decisions, as in tests/test_skiplayer.py
-    name = jax.tree_util.keystr(path)
-    if "router" not in name:
-      return x
-    if name.endswith("['bias']"):
-      return jnp.zeros_like(x)
-    return jax.random.normal(jax.random.key(len(name)), x.shape)
-  return model, jax.tree_util.tree_map_with_path(perturb, params)
+  return model, _helpers.perturb_routers(params)  # mixed routing decisions
 
 
 def _naive_greedy(model, params, prompt, n):

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import _helpers
 from skipjax import models
 
 BASE = dict(vocab_size=61, d_model=32, num_heads=4, num_layers=3, d_ff=64, max_len=16)
@@ -32,13 +33,7 @@ def test_decode_with_cache_reproduces_full_forward(overrides):
   model, params = _init(cfg, tokens)
   full = model.apply({"params": params}, tokens)
   cache = model.init(jax.random.key(0), jnp.zeros_like(tokens), decode=True)["cache"]
-  step = jax.jit(lambda c, t: model.apply({"params": params, "cache": c}, t, decode=True, mutable=["cache"]))
-  outs = []
-  for t in range(tokens.shape[1]):
-    logits, state = step(cache, tokens[:, t:t + 1])
-    cache = state["cache"]
-    outs.append(logits)
-  np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=2e-5)
+  np.testing.assert_allclose(_helpers.decode_step_by_step(model, params, cache, tokens), full, atol=2e-5)
 
 
 def test_scan_and_loop_layouts_compute_the_same_function():

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import _helpers
 from skipjax import decode, models, validation
 from skipjax.convert import export
 from skipjax.depth import plan as P
@@ -228,13 +229,7 @@ def test_decoding_under_a_plan_equals_its_full_forward(kw):
   cache = decode.init_cache(model, tokens.shape[0])
   assert {"cached_key", "cached_key_1"} <= set(cache["block_1"]["attn"])  # one cache per position
   assert "cached_key_1" in cache["block_0"]["attn"] and "block_2" not in cache  # block 2: no attention
-  step = jax.jit(lambda c, t: model.apply({"params": params, "cache": c}, t, decode=True, mutable=["cache"]))
-  outs = []
-  for t in range(tokens.shape[1]):
-    logits, state = step(cache, tokens[:, t:t + 1])
-    cache = state["cache"]
-    outs.append(logits)
-  np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=3e-5)
+  np.testing.assert_allclose(_helpers.decode_step_by_step(model, params, cache, tokens), full, atol=3e-5)
 
 
 def test_generate_reports_executed_positions_under_a_plan():

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import _helpers
 from skipjax import decode, models
 from skipjax.convert import ConversionError, hf
 
@@ -138,14 +139,7 @@ def _routed(cfg, params, **skip):
   init = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)  # router params are set below
   merged = {k: ({**v, **params[k]} if k.startswith("block_") else params[k]) for k, v in init.items()}
 
-  def perturb(path, x):  # mixed routing decisions
-    name = jax.tree_util.keystr(path)
-    if "router" not in name:
-      return x
-    if name.endswith("['bias']"):
-      return jnp.zeros_like(x)
-    return jax.random.normal(jax.random.key(len(name)), x.shape)
-  return rcfg, jax.tree_util.tree_map_with_path(perturb, merged)
+  return rcfg, _helpers.perturb_routers(merged)  # mixed routing decisions
 
 
 @pytest.mark.parametrize("granularity,method", [("layer", "capacity"), ("block", "grouped")])

@@ -1,6 +1,7 @@
 """Decoder-only LM on the embedded synthetic task (or any `config.data.source`).
 
-Presets: `--config=configs/lm.py:tiny` (CPU, ~2 min), `:small` (one accelerator), `:base`.
+Presets: `--config=configs/lm.py:tiny` (CPU, ~2 min), `:small` (one accelerator), `:base`,
+`:layerdrop` (tiny with LayerDrop p_max=0.2 on LayerSkip's exponential schedule).
 Every field can be overridden: `--config.model.num_layers=8 --config.data.source=tfds:lm1b`.
 """
 import ml_collections
@@ -21,6 +22,10 @@ def model_config() -> ml_collections.ConfigDict:
       skip=ml_collections.ConfigDict(dict(
           router="none", dispatch="masked", target_density=1.0, granularity="layer",
           gsize=64, capacity_factor=1.25, aux_weight=0.1, temperature=1.0, density_warmup_steps=0)),
+      # LayerDrop (README "LayerDrop"): rate p, schedule constant | linear | exponential, explicit
+      # per-position `rates` ('0,0.1,...'), unit example | batch, at_inference (sample in eval too).
+      layerdrop=ml_collections.ConfigDict(dict(
+          rate=0.0, schedule="constant", rates="", unit="example", at_inference=False)),
   ))
 
 
@@ -53,6 +58,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   config.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1), axes=("data", "model")))
   if preset == "tiny":
     pass
+  elif preset == "layerdrop":
+    config.model.layerdrop.update(rate=0.2, schedule="exponential")
   elif preset == "small":
     config.model.update(d_model=512, num_heads=8, num_layers=8, d_ff=2048, max_len=1024, dtype="bfloat16")
     config.data.update(batch_size=64, seq_len=512)
@@ -65,5 +72,5 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     config.train.update(num_steps=100_000, optimizer="adafactor", learning_rate=0.1, warmup_steps=10_000,
                         checkpoint_every_steps=2000, eval_every_steps=2000, log_every_steps=100)
   else:
-    raise ValueError(f"unknown preset {preset!r} for configs/lm.py; known: tiny, small, base")
+    raise ValueError(f"unknown preset {preset!r} for configs/lm.py; known: tiny, small, base, layerdrop")
   return config

@@ -6,7 +6,7 @@ import numpy as np
 
 from skipjax.depth import plan as plan_lib
 from skipjax.layers.mlp import ACTIVATIONS
-from skipjax.models.config import DTYPES
+from skipjax.models.config import DTYPES, LayerDropConfig
 from skipjax.train.sharding import mesh_shape
 
 ROUTERS = ("gumbel", "top1", "sigmoid", "random", "none", "highway")
@@ -42,6 +42,10 @@ def validate_model(m) -> None:
   plan = plan_lib.parse(m.get("plan", ""), m.num_layers)  # one-line ValueError naming config.model.plan
   _require(not m.get("scan_layers", False) or plan_lib.is_identity(plan, m.num_layers),
            f"config.model.plan={m.get('plan')!r} needs scan_layers=False: scanned layers serve only the identity plan")
+  layerdrop = dict(m.get("layerdrop", None) or {})
+  for key in layerdrop:
+    _require(key in LayerDropConfig.__dataclass_fields__, f"config.model.layerdrop.{key} is not a layerdrop field")
+  LayerDropConfig(**layerdrop).position_rates(len(plan))  # one-line ValueError naming config.model.layerdrop.<field>
   _require(m.num_heads >= 1, f"config.model.num_heads={m.num_heads} must be >= 1")
   _require(bool(m.head_dim) or m.d_model % m.num_heads == 0,
            f"config.model.num_heads={m.num_heads} does not divide d_model={m.d_model}")

@@ -1,6 +1,7 @@
 """Typed, hashable model configuration built from the `config.model` ConfigDict."""
 import dataclasses
-from typing import Any, Mapping, Optional
+import math
+from typing import Any, Mapping, Optional, Tuple
 
 import jax.numpy as jnp
 
@@ -21,6 +22,84 @@ class SkipConfig:
   aux_weight: float = 0.1         # lambda
   temperature: float = 1.0
   density_warmup_steps: int = 0   # dense-to-sparse: P_t anneals 1 -> P over these steps (0: LtS)
+
+
+LAYERDROP_SCHEDULES = ("constant", "linear", "exponential")
+LAYERDROP_UNITS = ("example", "batch")
+
+
+def _layerdrop_error(field: str, message: str) -> ValueError:
+  return ValueError(f"config.model.layerdrop.{field}{message}")
+
+
+def _check_rate(field: str, value) -> float:
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and 0 <= value < 1
+  if not ok:
+    raise _layerdrop_error(field, f"={value!r} must be a number in [0, 1)")
+  return float(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerDropConfig:
+  """LayerDrop (Fan et al. 2019 §3): each plan position is skipped (y = x) with probability p_l.
+
+  p_l for position l of L: `constant` p; `linear` p·l/(L−1); `exponential` p·D(l),
+  D(l) = exp(l·ln2/(L−1)) − 1 (LayerSkip, Elhoushi et al. 2024 §4.1: rates rise with depth,
+  D(0) = 0, D(L−1) = 1; L = 1 gives p). `rates`: explicit comma-separated p_l, one per plan
+  position (overrides `schedule`). `unit='example'`: one Bernoulli draw per sequence;
+  `'batch'`: one per batch, and a dropped position is not computed (lax.cond).
+  `at_inference`: also sample when deterministic (stochastic skipping at inference).
+  """
+  rate: float = 0.0               # p (LayerSkip's p_max)
+  schedule: str = "constant"      # constant | linear | exponential
+  rates: str = ""                 # explicit per-position rates '0,0.1,0.2'; '' = from schedule
+  unit: str = "example"           # example | batch
+  at_inference: bool = False
+
+  def __post_init__(self):
+    if not isinstance(self.rates, str):
+      try:
+        object.__setattr__(self, "rates", ",".join(repr(float(r)) for r in self.rates))
+      except (TypeError, ValueError):
+        raise _layerdrop_error("rates", f"={self.rates!r} must be comma-separated numbers") from None
+    _check_rate("rate", self.rate)
+    if self.schedule not in LAYERDROP_SCHEDULES:
+      raise _layerdrop_error("schedule", f"={self.schedule!r} is not one of {list(LAYERDROP_SCHEDULES)}")
+    if self.unit not in LAYERDROP_UNITS:
+      raise _layerdrop_error("unit", f"={self.unit!r} is not one of {list(LAYERDROP_UNITS)}")
+    if not isinstance(self.at_inference, bool):
+      raise _layerdrop_error("at_inference", f"={self.at_inference!r} must be True or False")
+    self.explicit_rates()
+
+  def explicit_rates(self) -> Tuple[float, ...]:
+    """The `rates` field parsed and range-checked; () when empty."""
+    if not self.rates.strip():
+      return ()
+    out = []
+    for item in self.rates.split(","):
+      try:
+        value = float(item)
+      except ValueError:
+        raise _layerdrop_error("rates", f"={self.rates!r}: {item.strip()!r} is not a number") from None
+      out.append(_check_rate("rates", value))
+    return tuple(out)
+
+  def position_rates(self, num_positions: int) -> Tuple[float, ...]:
+    """p_l for each of the plan's `num_positions` positions (all 0.0: LayerDrop off)."""
+    explicit = self.explicit_rates()
+    if explicit:
+      if len(explicit) != num_positions:
+        raise _layerdrop_error("rates", f"={self.rates!r} has {len(explicit)} rates, the plan has "
+                               f"{num_positions} positions")
+      return explicit
+    last = max(num_positions - 1, 1)
+    if self.schedule == "linear":
+      depth = [l / last if num_positions > 1 else 1.0 for l in range(num_positions)]
+    elif self.schedule == "exponential":
+      depth = [math.exp(l * math.log(2) / last) - 1 if num_positions > 1 else 1.0 for l in range(num_positions)]
+    else:
+      depth = [1.0] * num_positions
+    return tuple(self.rate * d for d in depth)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +139,7 @@ class TransformerConfig:
   remat: bool = False
   oracle_threshold: float = 0.0   # RR §4.4 applied oracle: skip R(x) where ‖R(x)‖/‖x‖ < this
   skip: SkipConfig = SkipConfig()
+  layerdrop: LayerDropConfig = LayerDropConfig()
   # Execution plan (skipjax/depth/plan.py) in its string form, e.g. '0:3,5:8' or '0,1,2,2,3a';
   # '' is the identity plan. Given as a tuple of PlanEntry it is stored as its string form.
   plan: str = ""
@@ -68,9 +148,17 @@ class TransformerConfig:
     if not isinstance(self.plan, str):
       object.__setattr__(self, "plan", plan_lib.to_string(plan_lib.resolve(self.plan, self.num_layers)))
     plan = self.execution_plan  # validates: one-line ValueError naming config.model.plan
-    if self.scan_layers and not plan_lib.is_identity(plan, self.num_layers):
-      raise ValueError(f"config.model.plan={self.plan!r} needs scan_layers=False: scanned layers serve only "
-                       "the identity plan (convert params with skipjax.models.layout.to_loop)")
+    partial = [p for p, e in enumerate(plan) if not (e.attn and e.ffn)]
+    if self.scan_layers and partial:
+      raise ValueError(f"config.model.plan={self.plan!r} needs scan_layers=False: position {partial[0]} runs "
+                       "only some branches, which one scan body cannot serve (convert params with "
+                       "skipjax.models.layout.to_loop)")
+    if isinstance(self.layerdrop, Mapping):
+      object.__setattr__(self, "layerdrop", LayerDropConfig(**self.layerdrop))
+    rates = self.layerdrop.position_rates(len(plan))  # validates the length of explicit rates
+    if self.layerdrop.unit == "batch" and any(rates) and (self.skip.router != "none" or self.oracle_threshold):
+      raise ValueError("config.model.layerdrop.unit='batch' needs a dense block (skip.router='none', "
+                       "oracle_threshold=0): a position skipped under lax.cond cannot sow its gates")
 
   @property
   def execution_plan(self) -> plan_lib.Plan:
@@ -95,6 +183,7 @@ class TransformerConfig:
     cfg = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
     cfg.pop("model_type", None)
     skip = dict(cfg.pop("skip", {}) or {})
+    layerdrop = dict(cfg.pop("layerdrop", {}) or {})
     known = {f.name for f in dataclasses.fields(cls)}
     for key in cfg:
       if key not in known:
@@ -103,4 +192,8 @@ class TransformerConfig:
     for key in skip:
       if key not in skip_known:
         raise ValueError(f"config.model.skip.{key} is not a skip field; known: {sorted(skip_known)}")
-    return cls(skip=SkipConfig(**skip), **cfg)
+    layerdrop_known = {f.name for f in dataclasses.fields(LayerDropConfig)}
+    for key in layerdrop:
+      if key not in layerdrop_known:
+        raise ValueError(f"config.model.layerdrop.{key} is not a layerdrop field; known: {sorted(layerdrop_known)}")
+    return cls(skip=SkipConfig(**skip), layerdrop=LayerDropConfig(**layerdrop), **cfg)

@@ -152,7 +152,7 @@ class Encoder(nn.Module):
     block_positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
     stack.check_overrides(self.variables.get("gate_override", {}), tcfg)
     x = stack.walk(tcfg, deterministic, x, lambda block, x, entry, repeat: block(
-        x, block_positions, attention_mask, entry.slot, None, entry.branches))
+        x, block_positions, attention_mask, entry.slot, None, entry.branches), self)
     if tcfg.final_norm:
       x = make_norm(tcfg.norm_type, tcfg.layer_norm_eps, tcfg.layer_norm_affine, tcfg.compute_dtype,
                     name="ln_final")(x)

@@ -2,8 +2,11 @@
 from typing import Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
 
+from skipjax.depth import plan as plan_lib
 from skipjax.layers import LearnedPositions, SinusoidalPositions, make_norm, token_embedding
 from skipjax.models import stack
 from skipjax.models.block import Block
@@ -22,11 +25,15 @@ class _ScannedLayer(nn.Module):
   decode: bool
 
   @nn.compact
-  def __call__(self, x, layer_index, positions, kv_valid, index, density):
+  def __call__(self, x, layer_index, keep, positions, kv_valid, index, density):
+    """`keep` [B]: this layer's LayerDrop decisions (stack.layerdrop_keep), None when nothing drops."""
     block = Block(self.config, self.deterministic, name="block")
     if self.decode:
       return block.decode(x, index, layer_index), None
-    return block(x, positions, kv_valid, layer_index, density), None
+    run = lambda blk, h: blk(h, positions, kv_valid, layer_index, density)
+    skip = (lambda blk, h: blk(h, positions, kv_valid, layer_index, density, (False, False))
+            ) if stack.skip_runs_norms(self.config) else (lambda blk, h: h)
+    return stack.run_or_skip(self.config, self, keep, block, x, run, skip), None
 
 
 class Transformer(nn.Module):
@@ -49,25 +56,50 @@ class Transformer(nn.Module):
     return positions, start
 
   def _blocks(self, x, positions, kv_valid, index, density, deterministic: bool, decode: bool):
-    """The blocks along `config.plan` (scanned: the identity plan only, see TransformerConfig)."""
+    """The blocks along `config.plan` (scanned layers: see `_scanned`)."""
     cfg = self.config
     stack.check_overrides(self.variables.get("gate_override", {}), cfg)
     if cfg.scan_layers:
-      layer = nn.remat(_ScannedLayer, prevent_cse=False) if cfg.remat else _ScannedLayer
-      scanned = nn.scan(
-          layer, variable_axes={c: 0 for c in LAYER_COLLECTIONS},
-          split_rngs={"params": True, "dropout": True, "gate": True},
-          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
-          metadata_params={nn.PARTITION_NAME: "layers"})
-      layers = scanned(cfg, deterministic, decode, name="layers")
-      x, _ = layers(x, jnp.arange(cfg.num_layers), positions, kv_valid, index, density)
-      return x
+      return self._scanned(x, positions, kv_valid, index, density, deterministic, decode)
 
     def call(block, x, entry, repeat):
       if decode:
         return block.decode(x, index, entry.slot, entry.branches, repeat)
       return block(x, positions, kv_valid, entry.slot, density, entry.branches)
-    return stack.walk(cfg, deterministic, x, call)
+    return stack.walk(cfg, deterministic, x, call, self, decode)
+
+  def _scanned(self, x, positions, kv_valid, index, density, deterministic: bool, decode: bool):
+    """`nn.scan` over the plan's positions, the stacked params [L, ...] gathered by slot.
+
+    A plan whose positions all run both branches is served by one scan body: position p reads
+    slot s_p of every stacked parameter (and of a scan-layout `gate_override`), so reordered,
+    repeated and shared slots are a gather and their gradients add up on the slot (the gather's
+    transpose). Params are created in the identity layout ([L, ...], as without a plan); sown
+    collections are stacked per position [P, ...]. Branch plans are refused by TransformerConfig,
+    KV-cache decoding under a non-identity plan here (its cache would be per position).
+    """
+    cfg = self.config
+    plan = cfg.execution_plan
+    identity = plan_lib.is_identity(plan, cfg.num_layers)
+    if decode and not identity:
+      raise ValueError(f"config.model.plan={cfg.plan!r}: KV-cache decoding of a scanned model serves only the "
+                       "identity plan; decode with scan_layers=False (skipjax.models.layout.to_loop)")
+    init = self.is_initializing()
+    slots = np.arange(cfg.num_layers) if identity or init else np.array([e.slot for e in plan])  # [P]
+    # LayerDrop decisions [P, B] are drawn here, as in the loop, and scanned along with the slot index.
+    keep = stack.layerdrop_keep(self, cfg, deterministic, x.shape[0], decode)
+    layer = nn.remat(_ScannedLayer, prevent_cse=False) if cfg.remat else _ScannedLayer
+    scanned = nn.scan(
+        layer, variable_axes={c: 0 for c in LAYER_COLLECTIONS},
+        split_rngs={"params": True, "dropout": True, "gate": True},
+        in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast), length=len(slots),
+        metadata_params={nn.PARTITION_NAME: "layers"})
+    if not (identity or init):
+      gather = lambda tree: jax.tree.map(lambda a: a[slots], tree)  # [L, ...] -> [P, ...]
+      scanned = nn.map_variables(scanned, ("params", "gate_override"), trans_in_fn=gather)
+    layers = scanned(cfg, deterministic, decode, name="layers")
+    x, _ = layers(x, jnp.asarray(slots), keep, positions, kv_valid, index, density)
+    return x
 
   @nn.compact
   def __call__(self, tokens: jnp.ndarray, positions: Optional[jnp.ndarray] = None,

@@ -18,9 +18,13 @@ class TrainState:
   opt_state: Any
 
 
+# Stream id folded into a key to derive the 'layerdrop' rng without changing the other streams' keys.
+LAYERDROP_STREAM = 0x4C44
+
+
 def init_rngs(rng: jax.Array) -> dict:
   params, dropout, gate = jax.random.split(rng, 3)
-  return {"params": params, "dropout": dropout, "gate": gate}
+  return {"params": params, "dropout": dropout, "gate": gate, "layerdrop": jax.random.fold_in(rng, LAYERDROP_STREAM)}
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,

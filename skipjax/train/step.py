@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import optax
 
 from skipjax import models, routing
-from skipjax.train.state import TrainState
+from skipjax.models.stack import sown_keep
+from skipjax.train.state import LAYERDROP_STREAM, TrainState
 
 Batch = Dict[str, jnp.ndarray]
 
@@ -53,8 +54,9 @@ def executed_depth(gates: Dict[str, Any], plan=None) -> Optional[jnp.ndarray]:
 
 def step_rngs(rng: jax.Array, step: jnp.ndarray) -> Dict[str, jax.Array]:
   """Per-step randomness is a pure function of (seed, step): resumption replays it exactly."""
-  dropout, gate = jax.random.split(jax.random.fold_in(rng, step))
-  return {"dropout": dropout, "gate": gate}
+  key = jax.random.fold_in(rng, step)
+  dropout, gate = jax.random.split(key)
+  return {"dropout": dropout, "gate": gate, "layerdrop": jax.random.fold_in(key, LAYERDROP_STREAM)}
 
 
 def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, model: nn.Module,
@@ -71,7 +73,12 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, model: nn.Mod
         rngs=step_rngs(rng, state.step), mutable=["aux_loss", "gates"])
     nll = jnp.mean(token_nll(logits, batch["targets"]))
     aux = sum_aux_losses(variables)
-    return nll + aux, (nll, aux, routing_metrics(variables.get("gates", {}), _plan(model)))
+    gates = variables.get("gates", {})
+    metrics = routing_metrics(gates, _plan(model))
+    keep = sown_keep(gates)
+    if keep is not None:  # LayerDrop: fraction of (position, sequence) pairs that ran
+      metrics["layerdrop_executed_fraction"] = jnp.mean(keep)
+    return nll + aux, (nll, aux, metrics)
 
   (loss, (nll, aux, routed)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -86,9 +93,11 @@ def eval_step(params: Any, batch: Batch, rng: Optional[jax.Array] = None, *, mod
   and with routing the executed depth per token. Routing is deterministic (argmax) unless
   `deterministic=False` (gates sampled as in training, from `rng`; also enables dropout); the
   `random` baseline always draws Bernoulli(P) gates from `rng`."""
-  gate_rng, dropout_rng = jax.random.split(jax.random.key(0) if rng is None else rng)
+  rng = jax.random.key(0) if rng is None else rng
+  gate_rng, dropout_rng = jax.random.split(rng)
+  rngs = {"gate": gate_rng, "dropout": dropout_rng, "layerdrop": jax.random.fold_in(rng, LAYERDROP_STREAM)}
   logits, variables = model.apply({"params": params}, batch["inputs"], deterministic=deterministic,
-                                  mutable=["gates"], rngs={"gate": gate_rng, "dropout": dropout_rng})
+                                  mutable=["gates"], rngs=rngs)
   nll = token_nll(logits, batch["targets"])
   depth = executed_depth(variables.get("gates", {}), _plan(model))
   out = {"nll_sum": jnp.sum(nll), "count": jnp.asarray(nll.size, jnp.float32)}

@@ -146,6 +146,13 @@ def occurrences(plan: Plan) -> Tuple[int, ...]:
   return tuple(out)
 
 
+def branch_flags(plan: Sequence[PlanEntry]) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+  """(attn, ffn): per depth position 1.0 where the plan runs that branch, else 0.0 — what each
+  position computes (a repeated slot counts at every position, a dropped one nowhere); e.g. the
+  `attn` / `ffn` of `skipjax.routing.flops_per_token`."""
+  return tuple(float(e.attn) for e in plan), tuple(float(e.ffn) for e in plan)
+
+
 def is_identity(plan: Plan, num_layers: int) -> bool:
   return tuple(plan) == identity(num_layers)
 

@@ -98,7 +98,8 @@ def effective_depth(densities: Array) -> Array:
 def layer_flops_per_token(density: Union[float, Array], *, d_model: int, d_ff: int, seq_len: int,
                           num_heads: int, head_dim: Optional[int] = None,
                           ffn_matrices: int = 2, causal: bool = False,
-                          router: bool = True) -> Array:
+                          router: bool = True, attn: Union[float, Array] = 1.0,
+                          ffn: Union[float, Array] = 1.0) -> Array:
   """Forward FLOPs per token of one SkipLayer decoder layer at routed fraction r (LtS Alg. 1).
 
   Convention: a matmul with an [m, n] weight costs 2·m·n FLOPs per token; norms, softmax,
@@ -110,28 +111,41 @@ def layer_flops_per_token(density: Union[float, Array], *, d_model: int, d_ff: i
                              + output projection 2·a·d + FFN 2·ffn_matrices·d·f
 
   i.e. 4da + 4d + r·(4da + 4Ta + 2·ffn_matrices·df). `ffn_matrices` = 3 for gated (GLU) FFNs.
+
+  `attn`, `ffn` (1 or 0, or arrays broadcasting with `density`): whether the layer runs its
+  attention / FFN branch (a static branch choice, e.g. an execution plan's position): a branch
+  that is off costs nothing (attention: its K/V projections too), and the router only counts
+  where some branch runs: attn·(4da + r·(4da + 4Ta)) + ffn·r·2·ffn_matrices·df + max(attn, ffn)·4d.
   """
   head_dim = head_dim or d_model // num_heads
   a = num_heads * head_dim
   keys = (seq_len + 1) / 2 if causal else seq_len
-  always = 4 * d_model * a + (4 * d_model if router else 0)
-  routed = 4 * d_model * a + 4 * keys * a + 2 * ffn_matrices * d_model * d_ff
+  attn = jnp.asarray(attn, jnp.float32)
+  ffn = jnp.asarray(ffn, jnp.float32)
+  always = attn * 4 * d_model * a + (jnp.maximum(attn, ffn) * 4 * d_model if router else 0.0)
+  routed = attn * (4 * d_model * a + 4 * keys * a) + ffn * 2 * ffn_matrices * d_model * d_ff
   return always + jnp.asarray(density, jnp.float32) * routed
 
 
 def flops_per_token(densities: Union[Sequence[float], Array], *, d_model: int, d_ff: int,
                     seq_len: int, num_heads: int, head_dim: Optional[int] = None,
                     ffn_matrices: int = 2, causal: bool = False, router: bool = True,
-                    vocab_size: int = 0) -> Array:
+                    vocab_size: int = 0, attn: Optional[Union[Sequence[float], Array]] = None,
+                    ffn: Optional[Union[Sequence[float], Array]] = None) -> Array:
   """Forward FLOPs per token of a SkipLayer decoder stack (sum of `layer_flops_per_token`).
 
   Args:
-    densities: routed fraction r_i of every layer [L] (1.0 for dense layers).
+    densities: routed fraction r_i of every layer [L] (1.0 for dense layers); under an execution
+      plan, of every depth position [P] (a position that repeats a layer counts again).
     vocab_size: if > 0, adds the output projection 2·d·V.
+    attn, ffn: optional [L] (or [P]) 1/0 flags, whether each layer / position runs its attention
+      and its FFN branch (default: all run); see `layer_flops_per_token`.
     others: see `layer_flops_per_token`.
   """
+  densities = jnp.asarray(densities, jnp.float32)
   per_layer = layer_flops_per_token(
-      jnp.asarray(densities, jnp.float32), d_model=d_model, d_ff=d_ff, seq_len=seq_len,
-      num_heads=num_heads, head_dim=head_dim, ffn_matrices=ffn_matrices, causal=causal,
-      router=router)
+      densities, d_model=d_model, d_ff=d_ff, seq_len=seq_len, num_heads=num_heads, head_dim=head_dim,
+      ffn_matrices=ffn_matrices, causal=causal, router=router,
+      attn=1.0 if attn is None else jnp.asarray(attn, jnp.float32),
+      ffn=1.0 if ffn is None else jnp.asarray(ffn, jnp.float32))
   return jnp.sum(per_layer) + 2 * d_model * vocab_size

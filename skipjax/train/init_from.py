@@ -6,15 +6,18 @@ Sources (the kind is recognised from what is at the path):
   * an HF checkpoint folder or a `.gguf` file (converted on the fly by `skipjax.convert.hf.load`).
 
 The model's architecture comes from the source; what the run may choose itself is listed in
-`RUN_FIELDS` (routing, activation dtype, dropout, remat). Parameters the source has are copied
-(same shapes, else a one-line error naming the parameter); parameters only the new model has,
-e.g. SkipLayer routers added to a dense model, keep their fresh initialisation.
+`RUN_FIELDS` (routing, activation dtype, dropout, remat, execution plan, LayerDrop); of those,
+`plan` is the source's when the run leaves it empty (a branch-pruned export keeps its plan).
+Parameters the source has are copied (same shapes, else a one-line error naming the parameter);
+parameters only the new model has, e.g. SkipLayer routers added to a dense model, keep their fresh
+initialisation; source blocks (or branches) that the new model's execution plan never runs have
+no place in it and are reported as not copied.
 """
 import functools
 import json
 import os
 import re
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -23,8 +26,13 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
+from skipjax.depth import plan as plan_lib
+from skipjax.models import layout
+
 # config.model fields the new run sets itself; every other field is the source's.
-RUN_FIELDS = ("skip", "dtype", "dropout_rate", "remat", "oracle_threshold")
+RUN_FIELDS = ("skip", "dtype", "dropout_rate", "remat", "oracle_threshold", "plan", "layerdrop")
+# Run fields taken from the source when the run leaves them empty.
+INHERITED_WHEN_UNSET = ("plan",)
 
 
 def _error(path: str, message: str) -> ValueError:
@@ -94,7 +102,7 @@ def apply_model_config(config: ml_collections.ConfigDict, source: Optional[Dict[
   changed = []
   with config.unlocked():
     for key, value in source.items():
-      if key in RUN_FIELDS:
+      if key in RUN_FIELDS and not (key in INHERITED_WHEN_UNSET and not config.model.get(key)):
         continue
       if isinstance(value, tuple):
         value = list(value)
@@ -109,15 +117,55 @@ def _path_name(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
-def overlay_params(path: str, params: Any, shardings: Any) -> Any:
-  """`params` (the new model's fresh init) with every parameter of the source copied in."""
+def _top(name: str, depth: int) -> str:
+  return "/".join(name.split("/")[:depth])
+
+
+def _not_run(names, dst_names, plan) -> Tuple[list, list]:
+  """(source parameter names in blocks or branches that `plan` never runs, the other names).
+
+  A block the plan never runs has no parameters in the plan model, nor has a branch (the attention
+  or FFN submodules) that no position of its slot runs. The other names are for the caller to refuse."""
+  if plan is None:
+    return [], list(names)
+  branches: Dict[int, Tuple[bool, bool]] = {}
+  for e in plan:
+    attn, ffn = branches.get(e.slot, (False, False))
+    branches[e.slot] = (attn or e.attn, ffn or e.ffn)
+  blocks = {_top(n, 1) for n in dst_names}
+  submodules = {_top(n, 2) for n in dst_names}
+  not_run, other = [], []
+  for name in names:
+    head = _top(name, 1)
+    index = head[len(layout.PREFIX):] if head.startswith(layout.PREFIX) else ""
+    slot = int(index) if index.isdigit() else None
+    if slot is not None and slot not in branches and head not in blocks:
+      not_run.append(name)  # a slot no position runs
+    elif slot in branches and not all(branches[slot]) and _top(name, 2) not in submodules:
+      not_run.append(name)  # a branch no position of the slot runs
+    else:
+      other.append(name)
+  return not_run, other
+
+
+def overlay_params(path: str, params: Any, shardings: Any, plan: Optional[Sequence[Any]] = None) -> Any:
+  """`params` (the new model's fresh init) with every parameter of the source copied in.
+
+  `plan`: the new model's execution plan (`TransformerConfig.execution_plan`); source parameters of
+  blocks or branches it never runs are not copied (one log line lists them). Any other source
+  parameter the model lacks is an error (e.g. scan vs loop layout)."""
   _, source = _load(path, source_kind(path))
   src = traverse_util.flatten_dict(nn.meta.unbox(source), sep="/")
   dst = traverse_util.flatten_dict(params, sep="/")
-  extra = sorted(set(src) - set(dst))
+  not_run, extra = _not_run(sorted(set(src) - set(dst)), dst, plan)
   if extra:
     raise _error(path, f"parameter {extra[0]} of the source has no place in the model "
                  f"({len(extra)} in all; is config.model.scan_layers or tie_embeddings different?)")
+  if not_run:
+    blocks = {_top(n, 1) for n in dst}
+    skipped = sorted({_top(n, 2 if _top(n, 1) in blocks else 1) for n in not_run})
+    logging.info("config.init_from=%s: %d source parameters not copied, config.model.plan=%r never runs %s",
+                 path, len(not_run), plan_lib.to_string(plan), ", ".join(skipped))
   flat_shardings = traverse_util.flatten_dict(shardings, sep="/")
   out = {}
   for name, leaf in dst.items():
@@ -132,7 +180,8 @@ def overlay_params(path: str, params: Any, shardings: Any) -> Any:
     out[name] = jax.device_put(array, flat_shardings[name])
   _load.cache_clear()  # the source's arrays are not needed any more
   fresh = sorted(set(dst) - set(src))
-  logging.info("config.init_from=%s: %d parameters copied, %d freshly initialised%s", path, len(src), len(fresh),
+  logging.info("config.init_from=%s: %d parameters copied, %d freshly initialised%s", path,
+               len(src) - len(not_run), len(fresh),
                f" ({', '.join(fresh[:8])}{', ...' if len(fresh) > 8 else ''})" if fresh else "")
   return traverse_util.unflatten_dict(out, sep="/")
 

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from skipjax import data as data_lib
 from skipjax import models, plots, routing, validation
+from skipjax.depth import plan as plan_lib
 from skipjax.train import checkpoint as checkpoint_lib
 from skipjax.train import init_from as init_from_lib
 from skipjax.train import metrics as metrics_lib
@@ -99,16 +100,30 @@ def evaluate(eval_fn, params, eval_ds, num_batches: int, batch_sharding) -> Dict
   return result
 
 
+def _position_densities(record: Dict[str, float], plan) -> list:
+  """Routed fraction of each plan position from the logged densities (`step.routing_metrics`: one
+  row per position that ran the gate): `layer_density` (layer routing), else the FFN's
+  `ffn_density` where the FFN runs and `attn_density` elsewhere (block / FFN routing); 1.0 where
+  nothing was logged."""
+  rows = {name: iter(record[name]) for name in ("layer_density", "attn_density", "ffn_density") if name in record}
+  out = []
+  for e in plan:
+    ran = {"layer_density": e.runs, "attn_density": e.attn, "ffn_density": e.ffn}
+    values = {name: float(next(it)) for name, it in rows.items() if ran[name]}  # consumes this position's rows
+    out.append(values.get("layer_density", values.get("ffn_density", values.get("attn_density", 1.0))))
+  return out
+
+
 def flops_per_token(config: ml_collections.ConfigDict, record: Dict[str, float]) -> Optional[float]:
-  """Analytic forward FLOPs/token at the logged per-layer densities (routing.flops_per_token)."""
+  """Analytic forward FLOPs/token at the logged densities (routing.flops_per_token), counting each
+  position of `config.model.plan` with the branches it runs (plan_lib.branch_flags)."""
   m = config.model
-  densities = record.get("layer_density", record.get("ffn_density"))
-  if densities is None:
-    densities = [1.0] * m.num_layers
+  plan = plan_lib.parse(m.get("plan", ""), m.num_layers)
+  attn, ffn = plan_lib.branch_flags(plan)
   return float(routing.flops_per_token(
-      np.asarray(densities), d_model=m.d_model, d_ff=m.d_ff, seq_len=config.data.seq_len,
-      num_heads=m.num_heads, head_dim=m.head_dim or None, causal=True,
-      router=m.skip.router != "none", vocab_size=m.vocab_size))
+      np.asarray(_position_densities(record, plan)), d_model=m.d_model, d_ff=m.d_ff, seq_len=config.data.seq_len,
+      num_heads=m.num_heads, head_dim=m.head_dim or None, ffn_matrices=3 if m.get("mlp_gated", False) else 2,
+      causal=True, router=m.skip.router != "none", vocab_size=m.vocab_size, attn=attn, ffn=ffn))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
@@ -186,7 +201,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
       logging.info("resumed from checkpoint step %d in %s", int(jax.device_get(state.step)), ckpt.directory)
     elif config.get("init_from"):
       state = state.replace(params=init_from_lib.overlay_params(config.init_from, state.params,
-                                                                state_shardings.params))
+                                                                state_shardings.params,
+                                                                getattr(model.config, "execution_plan", None)))
     start = int(jax.device_get(state.step))
     writer = metrics_lib.MetricWriter(workdir, resume_step=start, tensorboard_events=is_main)
     last = _loop(config, model, tx, schedule, state, state_shardings, mesh, train_rng, train_ds, eval_ds, ckpt,

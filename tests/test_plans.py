@@ -97,8 +97,9 @@ def test_config_field_is_hashable_and_round_trips_through_config_json(tmp_path):
   assert models.EncoderConfig.from_dict(json.loads(json.dumps(enc.to_dict()))) == enc
   with pytest.raises(ValueError, match=r"^config\.model\.plan: position 1 runs slot 4"):
     _cfg(plan="0,4")
-  with pytest.raises(ValueError, match=r"^config\.model\.plan='0,1' needs scan_layers=False"):
-    _cfg(plan="0,1", scan_layers=True)
+  with pytest.raises(ValueError, match=r"^config\.model\.plan='0,1a' needs scan_layers=False: position 1 runs only"):
+    _cfg(plan="0,1a", scan_layers=True)
+  assert _cfg(plan="0,1", scan_layers=True).plan == "0,1"  # whole-layer plans are served by the scan
 
 
 def test_cli_config_validation_names_the_plan():
@@ -278,6 +279,35 @@ def test_overrides_that_match_no_gate_raise():
   zeros = {f"block_{i}": {"layer": m} for i in range(4)}
   skipped = rmodel.apply({"params": rparams, "gate_override": zeros}, tokens)
   np.testing.assert_allclose(skipped, _apply(_cfg(plan="0-"), rparams, tokens), atol=1e-5)
+
+
+@pytest.mark.parametrize("plan", ["0,2,3", "3,2,1,0", "0,1,1,1,2,3", "0,0,0,0"])
+def test_scan_and_loop_agree_under_plans(plan):
+  """A scanned model gathers its stacked params by slot: outputs, gradients (summed on a shared
+  slot, zero on a dropped one) and slot-addressed overrides equal the loop layout's."""
+  tokens = _tokens()
+  _, params = _init(_cfg())
+  scan_params = models.layout.to_scan(params)
+  loop_model, scan_model = models.build(_cfg(plan=plan)), models.build(_cfg(plan=plan, scan_layers=True))
+  shapes = jax.eval_shape(lambda: nn.meta.unbox(scan_model.init(jax.random.key(0), tokens))["params"])
+  assert jax.tree.map(lambda a: a.shape, shapes) == jax.tree.map(lambda a: a.shape, scan_params)  # [L, ...]
+  loss = lambda model: (lambda p: jnp.sum(jnp.sin(model.apply({"params": p}, tokens))))
+  want, grads = jax.value_and_grad(loss(loop_model))(params)
+  got, scan_grads = jax.value_and_grad(loss(scan_model))(scan_params)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  zeros = jax.tree.map(jnp.zeros_like, params)  # slots the plan never runs have no loop params
+  full = {k: grads.get(k, zeros[k]) for k in params}
+  for a, b in zip(jax.tree.leaves(models.layout.to_scan(full)), jax.tree.leaves(scan_grads)):
+    np.testing.assert_allclose(b, a, atol=2e-5 * float(jnp.abs(a).max() + 1))
+  ones = jnp.ones(tokens.shape, jnp.float32)
+  slots = sorted({e.slot for e in P.parse(plan, 4)})
+  masks = {f"block_{i}": {"attn": ones * (i != 1), "ffn": ones * (i != 0)} for i in slots}
+  full_masks = {f"block_{i}": masks.get(f"block_{i}", {"attn": ones, "ffn": ones}) for i in range(4)}
+  got = scan_model.apply({"params": scan_params, "gate_override": models.layout.to_scan(full_masks)}, tokens)
+  want = loop_model.apply({"params": params, "gate_override": masks}, tokens)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  with pytest.raises(ValueError, match="KV-cache decoding of a scanned model serves only the identity plan"):
+    decode.init_cache(scan_model, 1)
 
 
 def test_overrides_under_scan_act_or_raise():

@@ -1,7 +1,17 @@
-"""Restore a trained model from a training workdir (`config.json` + orbax `checkpoints/`)."""
+"""Models to decode: a training workdir, a `skipjax.convert` export or a pruned export.
+
+* Training workdir (`config.json` + orbax `checkpoints/`): `restore(dir, step)`, the run's own
+  tokenizer (byte, or its BPE `tokenizer.json`; none for synthetic tasks).
+* Export (`config.json` + `params/`, written by `python -m skipjax.convert` or
+  `python -m skipjax.depth.prune`): `restore_export(dir)`, with its `tokenizer.json` when present
+  (prune copies the source's) and `prune.json` as `info` when it is a pruned export.
+
+`load(path, step)` tells them apart (as `config.init_from` does) and restores either; HF folders
+and `.gguf` files are refused with one line (convert them first).
+"""
 import json
 import os
-from typing import Any, NamedTuple, Optional
+from typing import Any, Dict, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -16,11 +26,36 @@ from skipjax.train import state as state_lib
 
 
 class Restored(NamedTuple):
-  config: ml_collections.ConfigDict
+  config: ml_collections.ConfigDict  # the training config; exports: {'model': config.json}
   model: nn.Module
   params: Any
-  step: int
-  tokenizer: Optional[Any]  # None for synthetic tasks (token ids only)
+  step: int                          # exports: 0
+  tokenizer: Optional[Any]           # None for synthetic tasks / exports without tokenizer.json
+  kind: str = "workdir"              # workdir | export
+  info: Optional[Dict[str, Any]] = None  # prune.json of a pruned export
+
+
+class FileTokenizer:
+  """An export's `tokenizer.json` (`tokenizers`) with the decode interface: `encode_batch`,
+  `decode`, `eos_id` (the first of EOS_TOKENS the vocabulary has; None: no early stop)."""
+  EOS_TOKENS = ("<|endoftext|>", "</s>", "<|im_end|>", "[SEP]")
+
+  def __init__(self, path: str):
+    import tokenizers  # pylint: disable=import-outside-toplevel
+    try:
+      self.tokenizer = tokenizers.Tokenizer.from_file(path)
+    except Exception as e:  # pylint: disable=broad-except  (tokenizers raises its own Exception type)
+      raise ValueError(f"{path} is not a readable tokenizer.json ({str(e).splitlines()[0] if str(e) else e})") from None
+    self.tokenizer.no_padding()
+    self.tokenizer.no_truncation()
+    self.vocab_size = self.tokenizer.get_vocab_size()
+    self.eos_id = next((i for i in map(self.tokenizer.token_to_id, self.EOS_TOKENS) if i is not None), None)
+
+  def encode_batch(self, texts):
+    return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
+  def decode(self, ids) -> str:
+    return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -73,3 +108,72 @@ def restore(workdir: str, step: Optional[int] = None) -> Restored:
   finally:
     ckpt.close()
   return Restored(config, model, state.params, int(step), load_tokenizer(config, workdir))
+
+
+def restore_export(directory: str) -> Restored:
+  """A `skipjax.convert` / `skipjax.depth.prune` export: decoder config, params, tokenizer, prune.json."""
+  from skipjax.convert import export  # pylint: disable=import-outside-toplevel
+  try:
+    cfg, params = export.restore(directory)
+  except ValueError as e:
+    raise ValueError(f"--workdir={directory!r}: config.json: {e}") from None
+  if not isinstance(cfg, models.TransformerConfig):
+    raise ValueError(f"--workdir={directory!r} is a {cfg.model_type!r} encoder export; decoding needs a decoder LM")
+  tok_path = os.path.join(directory, tokenizer_lib.TOKENIZER_FILE)
+  tokenizer = FileTokenizer(tok_path) if os.path.exists(tok_path) else None
+  info = None
+  prune_path = os.path.join(directory, "prune.json")
+  if os.path.exists(prune_path):
+    with open(prune_path, encoding="utf-8") as f:
+      info = json.load(f)
+  config = ml_collections.ConfigDict({"model": export.config_to_dict(cfg)})
+  return Restored(config, models.build(cfg), params, 0, tokenizer, "export", info)
+
+
+def path_kind(path: str) -> str:
+  """'workdir' or 'export' (one-line error naming --workdir for anything else)."""
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"--workdir={path!r} is not a folder (a training workdir or a skipjax.convert export)")
+  if not os.path.exists(os.path.join(path, "config.json")):
+    raise FileNotFoundError(f"--workdir={path!r} has no config.json (not a training workdir or a skipjax.convert "
+                            "export)")
+  if os.path.isdir(os.path.join(path, "params")):
+    return "export"
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    return "workdir"
+  raise FileNotFoundError(f"--workdir={path!r} has neither checkpoints/ (training workdir) nor params/ (export); "
+                          "convert an HF folder or .gguf first with python -m skipjax.convert")
+
+
+def load(path: str, step: Optional[int] = None) -> Restored:
+  """`restore` for a training workdir, `restore_export` for an export (`step` must then be None)."""
+  if path_kind(path) == "workdir":
+    return restore(path, step)
+  if step is not None:
+    raise ValueError(f"--step={step}: {path} is an export (one set of params), not a training workdir")
+  return restore_export(path)
+
+
+def with_plan(model: nn.Module, params: Any, plan: Optional[str], field: str = "--plan"):
+  """(model, params) in the loop layout, under `plan` (None: the model's own plan).
+
+  A scanned model is converted to the loop layout (`scan_layers=False`, params via
+  `layout.to_loop`) so that non-identity plans apply; a plan running a parameter the checkpoint
+  lacks (a pruned branch) is refused with one line naming `field`.
+  """
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  from skipjax.decode import generation  # pylint: disable=import-outside-toplevel
+  from skipjax.depth import plan as plan_lib  # pylint: disable=import-outside-toplevel
+  from skipjax.models import layout  # pylint: disable=import-outside-toplevel
+  cfg = model.config
+  if cfg.scan_layers:
+    cfg, params = dataclasses.replace(cfg, scan_layers=False), layout.to_loop(params)
+  if plan is not None:
+    try:
+      cfg = dataclasses.replace(cfg, plan=plan_lib.to_string(plan_lib.resolve(plan, cfg.num_layers)))
+    except ValueError as e:
+      raise ValueError(f"{field}={plan!r}: {str(e).replace(plan_lib.FIELD + ': ', '')}") from None
+  model = models.build(cfg)
+  if plan is not None:
+    generation.check_params(model, params, f"{field}={plan!r}")
+  return model, params

@@ -15,6 +15,7 @@ from skipjax.convert import ConversionError, export, hf, positions_from_mask
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+from _torch_helpers import randomize  # pylint: disable=wrong-import-position
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
 OPT_BASE = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
@@ -30,14 +31,6 @@ VIT_KW = dict(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_h
               num_attention_heads=4, intermediate_size=64, hidden_dropout_prob=0.0,
               attention_probs_dropout_prob=0.0, layer_norm_eps=1e-6)
 
-
-def randomize(model, seed: int = 0):
-  """Perturb every parameter so LayerNorms, biases and tied weights all matter."""
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for p in model.parameters():
-      p.add_(0.1 * torch.randn(p.shape, generator=gen))
-  return model.eval()
 
 
 def make_hf(kind: str, overrides=None):

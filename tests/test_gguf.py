@@ -16,6 +16,7 @@ from skipjax.convert import gguf as sj_gguf
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+from _torch_helpers import randomize  # pylint: disable=wrong-import-position
 gguf = pytest.importorskip("gguf")
 tokenizers = pytest.importorskip("tokenizers")
 
@@ -116,13 +117,6 @@ def write_gguf(path, model, tok, arch: str, pre: str, qtype=F32, arch_name=None,
   writer.close()
   return str(path)
 
-
-def randomize(model, seed: int = 0):
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for p in model.parameters():
-      p.add_(0.1 * torch.randn(p.shape, generator=gen))
-  return model.eval()
 
 
 @pytest.fixture(scope="module")

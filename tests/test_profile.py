@@ -16,15 +16,10 @@ from skipjax.profile import applied, inputs, run
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+from _torch_helpers import randomize  # pylint: disable=wrong-import-position
 
 
 # --------------------------------------------------------------------- tiny random HF models
-def _randomize(model, seed: int = 0):
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for p in model.parameters():
-      p.add_(0.1 * torch.randn(p.shape, generator=gen))
-  return model.eval()
 
 
 def _tiny(kind: str, **overrides):
@@ -41,7 +36,7 @@ def _tiny(kind: str, **overrides):
     model = transformers.ViTModel(transformers.ViTConfig(
         image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
         intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
-  return _randomize(model)
+  return randomize(model)
 
 
 # -------------------------------------------------------------- reference ratios from hooks
@@ -312,7 +307,7 @@ def test_post_ln_skip_rules_against_pytorch(tmp_path):
 
 def test_vit_with_one_channel_profiles_and_matches_hooks(tmp_path):
   torch.manual_seed(0)
-  model = _randomize(transformers.ViTModel(transformers.ViTConfig(
+  model = randomize(transformers.ViTModel(transformers.ViTConfig(
       image_size=16, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
       intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)))
   model.save_pretrained(tmp_path / "vit1")

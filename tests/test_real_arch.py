@@ -19,6 +19,7 @@ from skipjax.convert import ConversionError, hf
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+from _torch_helpers import randomize  # pylint: disable=wrong-import-position
 
 COMMON = dict(vocab_size=67, hidden_size=48, intermediate_size=75, num_hidden_layers=2, num_attention_heads=4,
               max_position_embeddings=32, rms_norm_eps=1e-5, attention_dropout=0.0)
@@ -40,14 +41,6 @@ CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config"
            "mistral": ("MistralConfig", "MistralForCausalLM")}
 SEQ = 13
 
-
-def randomize(model, seed: int = 0):
-  """Perturb every parameter so norms, biases and tied weights all matter."""
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for p in model.parameters():
-      p.add_(0.1 * torch.randn(p.shape, generator=gen))
-  return model.eval()
 
 
 def make_decoder(variant: str):

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import _helpers
 from skipjax import models
 
 BASE = models.TransformerConfig(vocab_size=61, d_model=32, num_heads=4, num_layers=3, d_ff=64, max_len=16)
@@ -96,15 +97,7 @@ def test_routed_decoding_equals_full_forward_with_argmax_routing(granularity, ba
   tokens = jax.random.randint(jax.random.key(1), (batch, 16), 0, 61)
   model = models.build(cfg)
   params = _params(model, tokens)
-  # Bias the routers so that decisions are mixed rather than all-on / all-off.
-  def perturb(path, x):
-    name = jax.tree_util.keystr(path)
-    if "router" not in name:
-      return x
-    if name.endswith("['bias']"):
-      return jnp.zeros_like(x)
-    return jax.random.normal(jax.random.key(hash(name) % 2**31), x.shape)
-  params = jax.tree_util.tree_map_with_path(perturb, params)
+  params = _helpers.perturb_routers(params)  # mixed decisions, not all-on / all-off
   full, state = model.apply({"params": params}, tokens, mutable=["gates"])
   name = "layer_mask" if granularity == "layer" else "ffn_mask"
   masks = models.per_layer(state["gates"], name)

@@ -4,11 +4,14 @@
     result.tokens, result.skipped_layers  # [B, Tp+N], [B, N] (LtS Fig. 7 data)
     decode.generate(model, params, prompt_tokens, 32, decode_plan="0:6")  # shallow decoder
     restored = decode.load(path)  # a training workdir or a skipjax.convert / prune export
+    decode.self_speculative_generate(model, params, prompt_tokens, 32, exit_layer=4, num_draft=3)  # LayerSkip §5
 """
 from skipjax.decode.generation import (GenerationResult, check_params, decode_model, decode_step, executed_layers,
                                        generate, init_cache, make_step_fn, plan_rows, sample_next)
+from skipjax.decode.speculative import SpeculativeResult, self_speculative_generate
 from skipjax.decode.workdir import Restored, load, restore, restore_export, with_plan
 
 __all__ = ["GenerationResult", "Restored", "check_params", "decode_model", "decode_step", "executed_layers",
            "generate", "init_cache", "load", "make_step_fn", "plan_rows", "restore", "restore_export",
            "sample_next", "with_plan"]
+__all__ += ["SpeculativeResult", "self_speculative_generate"]

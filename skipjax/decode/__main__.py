@@ -33,6 +33,9 @@ _PLAN = flags.DEFINE_string("plan", None, "Execution plan of the whole run (pref
                             "e.g. '0:3,5:8'; default: the model's own config.model.plan.")
 _DECODE_PLAN = flags.DEFINE_string("decode_plan", None, "Plan for the generated tokens (shallow decoder), e.g. "
                                    "'0:6'; its attention positions must be ones the prefill plan runs.")
+_SPECULATIVE = flags.DEFINE_list("speculative", None, "E,d: also decode greedily with self-speculative decoding "
+                                  "(LayerSkip §5: draft d tokens with the first E plan positions, verify with the "
+                                  "rest) and record acceptance and tokens/s vs plain greedy in decode.json.")
 _OUT = flags.DEFINE_string("out", None, "Folder for decode.json and plots/ (default: --workdir).")
 flags.mark_flags_as_required(["workdir"])
 
@@ -71,6 +74,27 @@ def _write_json(path: str, record: dict) -> None:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+def _speculative(model, params, prompt: list) -> dict:
+  """`--speculative=E,d`: self-speculative vs plain greedy decoding (skipjax.decode.speculative.measure)."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from skipjax.decode import speculative  # pylint: disable=import-outside-toplevel
+  values = _SPECULATIVE.value
+  try:
+    exit_layer, num_draft = (int(v.strip()) for v in values)
+  except ValueError:
+    raise ValueError(f"--speculative={','.join(values)!r} must be two integers E,d (exit layer, drafted tokens)"
+                     ) from None
+  if _TEMPERATURE.value != 0.0 or _DECODE_PLAN.value is not None:
+    raise app.UsageError("--speculative is greedy decoding of the full plan: use it without --temperature > 0 "
+                         "and without --decode_plan")
+  stats = speculative.measure(model, params, np.asarray([prompt], np.int32), _MAX_NEW_TOKENS.value,
+                              exit_layer=exit_layer, num_draft=num_draft)
+  print(f"self-speculative E={exit_layer} d={num_draft}: acceptance {stats['acceptance_rate']:.3f}, "
+        f"{stats['tokens_per_round']:.2f} tokens/round, {stats['tokens_per_s']:.1f} tokens/s vs greedy "
+        f"{stats['greedy_tokens_per_s']:.1f} tokens/s, identical to greedy: {stats['identical_to_greedy']}")
+  return stats
 
 
 def main(argv):
@@ -130,6 +154,8 @@ def main(argv):
     print(" ".join(map(str, prompt)), "|", " ".join(map(str, generated)))
   print(f"plans: prefill {prefill_plan!r}, decode {decode_plan!r}; layers skipped per generated token "
         f"(of {num_layers}): {skipped}")
+  if _SPECULATIVE.value is not None:
+    record["speculative"] = _speculative(model, params, prompt)
   os.makedirs(out, exist_ok=True)
   path = os.path.join(out, "decode.json")
   _write_json(path, record)

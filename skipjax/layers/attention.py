@@ -59,6 +59,11 @@ def dot_product_attention(q, k, v, mask) -> jnp.ndarray:
   return out.reshape(b, hkv, g, tq, d).transpose(0, 3, 1, 2, 4).reshape(b, tq, h, d)
 
 
+def _slots(x: jnp.ndarray, index: jnp.ndarray) -> jnp.ndarray:
+  """[B, T] cache slots (= positions) index … index+T−1 of the tokens of `x` [B, T, d]."""
+  return jnp.broadcast_to(index + jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
+
+
 class MultiHeadAttention(nn.Module):
   """Self-attention split into `project_kv` and `attend` so callers can route queries.
 
@@ -127,10 +132,12 @@ class MultiHeadAttention(nn.Module):
 
   @nn.compact
   def decode_step(self, x: jnp.ndarray, index: jnp.ndarray, attend: bool = True, cache: str = ""):
-    """One token per step with a KV cache (`cache` collection of length max_len).
+    """Tokens at cache slots index … index+T−1 with a KV cache (`cache` collection of length max_len).
 
-    Writes K/V of `x` [B,1,d] at slot `index` ([B,1,Hkv,D]: only the K/V heads are cached),
-    then (if `attend`) attends to slots <= index. The cache variables are created on the first
+    Writes K/V of `x` [B,T,d] (T = 1: one decoding step; T > 1: a chunk, e.g. speculative
+    verification) at slots index … index+T−1 ([B,T,Hkv,D]: only the K/V heads are cached), then
+    (if `attend`) token t attends to slots <= index + t. The caller keeps index + T <= max_len
+    (a slice past the end would be clamped). The cache variables are created on the first
     (init) call from the full-length `x`. `cache`: suffix of the cache variables' names (a
     parameter slot run at several depth positions keeps one cache per position).
     """
@@ -139,7 +146,7 @@ class MultiHeadAttention(nn.Module):
       pos = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
       k, v = self.project_kv(x, pos)
     else:  # under RoPE the key is rotated at the slot (position) it is written to
-      k, v = self.project_kv(x, jnp.full(x.shape[:2], index))
+      k, v = self.project_kv(x, _slots(x, index))
     cached_k = self.variable("cache", f"cached_key{cache}", jnp.zeros, k.shape, k.dtype)
     cached_v = self.variable("cache", f"cached_value{cache}", jnp.zeros, v.shape, v.dtype)
     if not initialized:
@@ -151,9 +158,9 @@ class MultiHeadAttention(nn.Module):
     return self.attend_cached(x, index, cache)
 
   def attend_cached(self, x: jnp.ndarray, index: jnp.ndarray, cache: str = "") -> jnp.ndarray:
-    """Query `x` [B,1,d] at slot `index` attends to cache slots <= index (no cache write)."""
+    """Queries `x` [B,T,d] at slots index … index+T−1 attend causally to the cache (no cache write)."""
     k, v = self.get_variable("cache", f"cached_key{cache}"), self.get_variable("cache", f"cached_value{cache}")
     batch, max_len = k.shape[:2]
     kv_pos = jnp.broadcast_to(jnp.arange(max_len), (batch, max_len))
-    q_pos = jnp.full((batch, 1), index)
+    q_pos = _slots(x, index)  # [B, T]
     return self.attend(x, q_pos, k, v, kv_pos)

@@ -17,3 +17,73 @@ def test_learned_vs_random_smoke(tmp_path, monkeypatch):
     assert 0 < result["eval_loss"] < 10 and 0 <= result["eval_depth"] <= 8
   assert "eval_depth" not in summary["synthetic_P0.25"]["none"]  # dense: 2 layers, no routing
   assert (tmp_path / "learned_vs_random.png").stat().st_size > 0
+
+
+def _builtin_text(seed: int, lines: int) -> str:
+  """Lines of simple English sentences (a tiny offline corpus)."""
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  subjects = ["The river", "A small town", "The old canal", "The railway", "Local farmers", "The society"]
+  verbs = ["carried", "crossed", "reopened", "restored", "sold", "built", "followed"]
+  objects = ["the valley", "coal and grain", "the locks", "the towpath", "the mill", "the church on the hill"]
+  return "\n".join(" ".join(f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)} in {1800 + i}."
+                            for i in rng.integers(0, 200, 4)) for _ in range(lines)) + "\n"
+
+
+def test_static_pruning_smoke(tmp_path):
+  """experiments/static_pruning.py end to end on a tiny random model: every stage runs, the
+  plan runner's NLLs equal the model's own forward (direct NLL, importance.calibration_nll), its
+  SLEB order / drop-one NLLs equal importance.sleb / ppl_drop_one, the pruned export equals its plan."""
+  import numpy as np
+  from experiments import static_pruning
+  from skipjax import models
+  from skipjax.convert import export
+  from skipjax.depth import importance
+  from skipjax.depth import plan as plan_lib
+  from skipjax.profile import inputs
+  data = tmp_path / "data"
+  data.mkdir()
+  (data / "valid.txt").write_text(_builtin_text(0, 120))
+  (data / "test.txt").write_text(_builtin_text(1, 40))
+  work = tmp_path / "work"
+  static_pruning.main(["--model=tiny", f"--workdir={work}", f"--data_dir={data}", "--calib_sequences=4",
+                       "--calib_len=32", "--test_sequences=4", "--test_len=32", "--batch_size=4",
+                       "--fractions=0,0.25,0.5", "--heal=sleb:2", "--heal_batch=8",
+                       "--heal_len=32", f"--copy_figures={tmp_path / 'figs'}"])
+  res = json.loads((work / "results.json").read_text())
+  for name in ("ppl_vs_removed", "removed_heatmap", "painters", "scores"):
+    assert (work / f"{name}.png").stat().st_size > 0
+    assert (tmp_path / "figs" / f"static_pruning_tiny_{name}.png").stat().st_size > 0
+  assert "| sleb |" in (work / "results.md").read_text()
+
+  # Independent reference: the model's own forward on the same packed test tokens, NLL in numpy.
+  cfg, params = export.restore(str(work / "tiny_model"))
+  tok = inputs.tokenizer_for(str(work / "tiny_model"), cfg.vocab_size)
+  test = inputs.text_batch(f"text:{data / 'test.txt'}", tok, 32, 4, encoder=False)
+  calib = inputs.text_batch(f"text:{data / 'valid.txt'}", tok, 32, 4, encoder=False)
+  logits = np.asarray(models.build(cfg).apply({"params": params}, test["inputs"]), np.float64)
+  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
+      -1, keepdims=True)
+  direct = -np.take_along_axis(logp, test["targets"][..., None], -1).mean()
+  np.testing.assert_allclose(res["base"]["test_nll"], direct, rtol=1e-5)
+  assert res["curve"]["bi"][0]["n"] == 0 and res["curve"]["bi"][0]["nll"] == res["base"]["test_nll"]
+  np.testing.assert_allclose(res["curve"]["bi"][0]["calib_nll"], res["base"]["calib_nll_model"], rtol=1e-5)
+  np.testing.assert_allclose(res["base"]["calib_nll_runner_drop_mid"], res["base"]["calib_nll_model_drop_mid"],
+                             rtol=1e-5)
+  row = res["curve"]["bi"][-1]
+  np.testing.assert_allclose(row["nll"], importance.calibration_nll(cfg, params, test, row["plan"], jit=False), rtol=1e-5)
+  assert len(row["removed"]) == 2 and row["plan"] == plan_lib.to_string(plan_lib.drop(4, row["removed"]))
+
+  # The fast SLEB / drop-one equal the library's (which compile one forward per plan).
+  sleb = importance.sleb(cfg, params, calib, 2, jit=False)  # eager: tiny, no compile per plan
+  assert res["scores"]["sleb"]["order"] == sleb.raw["order"]
+  np.testing.assert_allclose(res["scores"]["sleb"]["nll"], sleb.raw["nll"], rtol=1e-5)
+  np.testing.assert_allclose(res["scores"]["ppl"]["layer"], importance.ppl_drop_one(cfg, params, calib, jit=False).layer,
+                             rtol=1e-5)
+
+  heal = res["heal"]["sleb_2steps"]
+  assert heal["removed"] == res["scores"]["sleb"]["order"][:1]
+  np.testing.assert_allclose(heal["before_nll_export"], heal["before_nll"], rtol=1e-5)  # export == its plan
+  assert np.isfinite(heal["after_nll"]) and heal["after_nll"] != heal["before_nll"] and len(heal["train_loss"]) == 2
+  full = next(r for r in res["painters"] if r["name"] == "full")
+  assert full["nll"] == res["base"]["test_nll"] and len(res["painters"]) >= 5

@@ -31,14 +31,14 @@ import glob
 import importlib.util
 import os
 import sys
-import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import timing
 from skipjax import models, routing
 from skipjax.decode import generation
 from skipjax.depth import plan as plan_lib, prune
@@ -115,19 +115,6 @@ def make_rows(cfg, params, seq: int, fractions: Sequence[float] = KEPT, branch: 
   return rows
 
 
-def _timed(fns: Dict[str, Callable], repeats: int) -> Dict[str, float]:
-  """Median seconds per call of each function after a warm-up call, the functions taking turns."""
-  for fn in fns.values():
-    fn()
-  times = {k: [] for k in fns}
-  for _ in range(repeats):
-    for k, fn in fns.items():
-      start = time.perf_counter()
-      fn()
-      times[k].append(time.perf_counter() - start)
-  return {k: float(np.median(v)) for k, v in times.items()}
-
-
 def measure(rows: List[Row], batch: int, seq: int, new_tokens: int, repeats: int) -> None:
   """Fills `prefill` and `decode` of every row (seconds, median of `repeats`)."""
   rng = np.random.default_rng(0)
@@ -140,7 +127,7 @@ def measure(rows: List[Row], batch: int, seq: int, new_tokens: int, repeats: int
     fns[(i, "prefill")] = lambda forward=forward, r=r: jax.block_until_ready(forward(r.params, tokens))
     fns[(i, "decode")] = lambda model=model, r=r: jax.block_until_ready(
         generation.generate(model, r.params, prompt, new_tokens))
-  for (i, what), seconds in _timed(fns, repeats).items():
+  for (i, what), seconds in timing.round_robin(fns, repeats).items():
     setattr(rows[i], what, seconds)
 
 

@@ -28,13 +28,12 @@ import glob
 import importlib.util
 import os
 import tempfile
-import time
-from typing import Callable, Dict
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import timing
 from skipjax import models, profile
 from skipjax.convert import hf
 from skipjax.profile import inputs, tiny
@@ -93,22 +92,6 @@ def hook_ratios(model, torch):
   return run
 
 
-def _time(fns: Dict[str, Callable], repeats: int) -> Dict[str, float]:
-  """Median seconds per call of each function after one warm-up call (compilation for jax).
-
-  The functions take turns (round robin), and the median is kept, so that on a shared CPU a
-  change of the load hits them alike and one slowed call does not count."""
-  times = {k: [] for k in fns}
-  for fn in fns.values():
-    fn()
-  for _ in range(repeats):
-    for k, fn in fns.items():
-      start = time.perf_counter()
-      fn()
-      times[k].append(time.perf_counter() - start)
-  return {k: float(np.median(v)) for k, v in times.items()}
-
-
 def jax_bare(model, cfg, head: bool):
   """Jitted plain forward (no `stats`): the model's output, or (head=False, decoders) the decoder
   body only: the final norm's output is the only result, so XLA drops the LM head."""
@@ -159,7 +142,7 @@ def bench(name: str, path: str, hf_cls: str, ids, repeats: int, hf_path: str = N
       fn = jax_bare(model, cfg, head)
       fns[(row, 0)] = lambda fn=fn: jax.block_until_ready(fn(params, tokens, kwargs))
       fns[(row, 1)] = torch_forward(hf_model if head else hf_model.model)  # no hooks attached
-  seconds = _time(fns, repeats)
+  seconds = timing.round_robin(fns, repeats)
   n = batch * seq
   rows = {}
   for (row, side), s in seconds.items():

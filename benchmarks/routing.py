@@ -14,7 +14,6 @@
 All ratios are measured in one run, on one device.
 """
 import argparse
-import dataclasses
 import time
 
 import flax.linen as nn

@@ -1,6 +1,4 @@
 """LtS §3 1-shot evaluation: option log-probs, multiple choice, exact match, perplexity."""
-import dataclasses
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

@@ -28,7 +28,6 @@ gates/{layer,attn,ffn}_{mask,density,dropped_fraction}, aux_loss/{...}_capacity_
 from typing import Callable, Optional, Tuple
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from skipjax import routing

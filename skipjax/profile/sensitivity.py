@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from skipjax import models
-from skipjax.profile.applied import forward, hidden_drift, is_decoder, token_losses, valid_tokens
+from skipjax.profile.applied import forward, hidden_drift, is_decoder, token_losses
 from skipjax.profile.ratios import BRANCHES
 
 

@@ -171,7 +171,7 @@ def test_entry_points_print_one_line_errors(trained, tmp_path):
       "prompt": ([sys.executable, "-m", "skipjax.decode", f"--workdir={workdir}", "--prompt_tokens=1,x,3"],
                  "--prompt_tokens='1,x,3': 'x' is not an integer token id"),
       "workdir": ([sys.executable, "-m", "skipjax.decode", f"--workdir={tmp_path / 'none'}", "--prompt_tokens=1"],
-                  "has no config.json"),
+                  "is not a folder"),
       "convert": ([sys.executable, "-m", "skipjax.convert", f"--hf={tmp_path / 'none'}", f"--out={tmp_path / 'o'}"],
                   str(tmp_path / "none")),
       "profile": ([sys.executable, "-m", "skipjax.profile", "--config=configs/profile.py:tiny",

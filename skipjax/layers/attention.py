@@ -131,7 +131,8 @@ class MultiHeadAttention(nn.Module):
     return self.attend(x_q, q_pos, k, v, positions, kv_valid)
 
   @nn.compact
-  def decode_step(self, x: jnp.ndarray, index: jnp.ndarray, attend: bool = True, cache: str = ""):
+  def decode_step(self, x: jnp.ndarray, index: jnp.ndarray, attend: bool = True, cache: str = "",
+                  write_mask: Optional[jnp.ndarray] = None):
     """Tokens at cache slots index … index+T−1 with a KV cache (`cache` collection of length max_len).
 
     Writes K/V of `x` [B,T,d] (T = 1: one decoding step; T > 1: a chunk, e.g. speculative
@@ -139,7 +140,9 @@ class MultiHeadAttention(nn.Module):
     (if `attend`) token t attends to slots <= index + t. The caller keeps index + T <= max_len
     (a slice past the end would be clamped). The cache variables are created on the first
     (init) call from the full-length `x`. `cache`: suffix of the cache variables' names (a
-    parameter slot run at several depth positions keeps one cache per position).
+    parameter slot run at several depth positions keeps one cache per position). `write_mask`
+    [B,T] (optional): only tokens where it is 1 write their K/V; the other slots keep what the
+    cache holds (early exit's `recompute` policy fills missing slots of a chunk).
     """
     initialized = self.has_variable("cache", f"cached_key{cache}")
     if not initialized:  # init call with the full-length input: plain causal attention.
@@ -151,8 +154,12 @@ class MultiHeadAttention(nn.Module):
     cached_v = self.variable("cache", f"cached_value{cache}", jnp.zeros, v.shape, v.dtype)
     if not initialized:
       return self.attend(x, pos, k, v, pos)
-    cached_k.value = jax.lax.dynamic_update_slice_in_dim(cached_k.value, k.astype(cached_k.value.dtype), index, 1)
-    cached_v.value = jax.lax.dynamic_update_slice_in_dim(cached_v.value, v.astype(cached_v.value.dtype), index, 1)
+    for var, new in ((cached_k, k), (cached_v, v)):
+      new = new.astype(var.value.dtype)  # [B, T, Hkv, D]
+      if write_mask is not None:
+        old = jax.lax.dynamic_slice_in_dim(var.value, index, x.shape[1], 1)
+        new = jnp.where(write_mask[:, :, None, None] > 0, new, old)
+      var.value = jax.lax.dynamic_update_slice_in_dim(var.value, new, index, 1)
     if not attend:
       return None
     return self.attend_cached(x, index, cache)

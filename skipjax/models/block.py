@@ -241,16 +241,24 @@ class Block(nn.Module):
       return nn.cond(m.reshape(()) > 0, lambda mdl, x: fn(mdl, x), lambda mdl, x: jnp.zeros_like(x), self, x)
     return jnp.where(m[..., None] > 0, fn(self, x), jnp.zeros_like(x))
 
-  def decode(self, x, index, layer_index=0, branches=(True, True), repeat: int = 0):
-    """One decoding step with the KV cache: x [B,1,d] at cache slot `index`.
+  def decode(self, x, index, layer_index=0, branches=(True, True), repeat: int = 0, write_mask=None,
+             kv_only: bool = False):
+    """One decoding step with the KV cache: x [B,1,d] at cache slot `index` (or a chunk [B,T,d]).
 
     K/V of the current token are always written to the cache; Q/attention/FFN run only where
     the router routes the token (LtS Alg. 2, deterministic argmax routing). `branches` as in
     `__call__` (an off attention branch has no cache); `repeat` k > 0: the k-th repetition of
     this slot in the plan keeps its own cache (`cached_key_k`, `cached_value_k`).
+    `write_mask` [B,T]: only those tokens write K/V (`MultiHeadAttention.decode_step`);
+    `kv_only`: write the K/V of x and return x unchanged (a token that skips this layer keeps its
+    state, and later tokens read K/V projected from it: CALM's state propagation).
     """
     self._check_overrides()
     cache = f"_{repeat}" if repeat else ""
+    if kv_only:
+      if branches[0]:
+        self.attn.decode_step(self._pre(self.ln_attn, x), index, attend=False, cache=cache, write_mask=write_mask)
+      return x
     ffn = lambda mdl, h: mdl._ffn(h, layer_index)
     attend = lambda mdl, h: mdl._scale("attn", mdl.attn.attend_cached(mdl._pre(mdl.ln_attn, h), index, cache))
     if self._router("layer") is not None:
@@ -258,7 +266,7 @@ class Block(nn.Module):
         return x
       gate = self._gate("layer", x)
       if branches[0]:
-        self.attn.decode_step(self._pre(self.ln_attn, x), index, attend=False, cache=cache)
+        self.attn.decode_step(self._pre(self.ln_attn, x), index, attend=False, cache=cache, write_mask=write_mask)
 
       def layer(mdl, h):
         h = h + attend(mdl, h) if branches[0] else h
@@ -268,10 +276,11 @@ class Block(nn.Module):
     if branches[0]:
       gate = self._gate("attn", x)
       if gate is None:
-        a = self._scale("attn", self.attn.decode_step(self._pre(self.ln_attn, x), index, cache=cache))
+        a = self._scale("attn", self.attn.decode_step(self._pre(self.ln_attn, x), index, cache=cache,
+                                                      write_mask=write_mask))
         x = x + a if self.config.norm == "pre" else self.ln_attn(x + a)
       else:
-        self.attn.decode_step(self._pre(self.ln_attn, x), index, attend=False, cache=cache)
+        self.attn.decode_step(self._pre(self.ln_attn, x), index, attend=False, cache=cache, write_mask=write_mask)
         self.sow("gates", "attn_mask", gate.mask)
         x = routing.gated_residual(x, self._maybe(gate.mask, attend, x), gate)
     else:

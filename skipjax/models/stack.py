@@ -14,7 +14,7 @@ block with no branch on for post-LN with `post_ln_skip='ln'`, as Block._skipped)
 up front, so the loop and the scanned layout take the same ones for the same rng.
 """
 import dataclasses
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -115,17 +115,37 @@ def skip_runs_norms(cfg: TransformerConfig) -> bool:
   return cfg.norm == "post" and cfg.post_ln_skip == "ln"
 
 
+class Position(NamedTuple):
+  """One plan position as a depth hook sees it (`walk(..., hook=)`; e.g. early-exit decoding).
+
+  position: p, its index in the plan; entry / repeat: its PlanEntry and repetition k of the slot;
+  block: the bound Block; run(block, x): the position's ordinary forward or decoding step;
+  index: the KV-cache slot of the first token while decoding (None for a full forward).
+  """
+  position: int
+  entry: Any
+  repeat: int
+  block: nn.Module
+  run: Callable
+  index: Optional[jnp.ndarray]
+
+
 def walk(cfg: TransformerConfig, deterministic: bool, x, call: Callable, parent: nn.Module,
-         decode: bool = False) -> Any:
+         decode: bool = False, hook: Optional[Callable] = None, index=None) -> Any:
   """x through the plan's positions; `call(block, x, entry, repeat)` runs one position.
 
   Must be called from a compact method (the blocks are created here, named `block_{slot}`);
-  `parent` (that module) draws the LayerDrop decisions.
+  `parent` (that module) draws the LayerDrop decisions. `hook(Position, x) -> x`, when given,
+  runs each position instead (it decides whether and how to call `Position.run`; LayerDrop
+  must then be off).
   """
   block_cls = nn.remat(Block, static_argnums=(_BRANCHES_ARGNUM,)) if cfg.remat else Block
   blocks = {}
   plan = cfg.execution_plan
   keep = layerdrop_keep(parent, cfg, deterministic, x.shape[0], decode)  # [P, B] or None
+  if hook is not None and keep is not None:
+    raise ValueError("config.model.layerdrop drops positions in this apply, which a depth hook (early exit) "
+                     "does not support: run deterministically or with layerdrop.at_inference=False")
   for p, (entry, repeat) in enumerate(zip(plan, plan_lib.occurrences(plan))):
     if entry.slot not in blocks:
       blocks[entry.slot] = block_cls(cfg, deterministic, name=layout.block_name(entry.slot))
@@ -133,5 +153,8 @@ def walk(cfg: TransformerConfig, deterministic: bool, x, call: Callable, parent:
     run = lambda blk, h, entry=entry, repeat=repeat: call(blk, h, entry, repeat)
     skip = (lambda blk, h, off=off, repeat=repeat: call(blk, h, off, repeat)) if skip_runs_norms(cfg) else (
         lambda blk, h: h)
-    x = run_or_skip(cfg, parent, None if keep is None else keep[p], blocks[entry.slot], x, run, skip)
+    if hook is not None:
+      x = hook(Position(p, entry, repeat, blocks[entry.slot], run, index), x)
+    else:
+      x = run_or_skip(cfg, parent, None if keep is None else keep[p], blocks[entry.slot], x, run, skip)
   return x

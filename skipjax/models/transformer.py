@@ -1,5 +1,5 @@
 """Decoder-only Transformer LM: embeddings, N gated residual blocks, final norm, head."""
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -55,18 +55,20 @@ class Transformer(nn.Module):
       positions = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
     return positions, start
 
-  def _blocks(self, x, positions, kv_valid, index, density, deterministic: bool, decode: bool):
+  def _blocks(self, x, positions, kv_valid, index, density, deterministic: bool, decode: bool, hook=None):
     """The blocks along `config.plan` (scanned layers: see `_scanned`)."""
     cfg = self.config
     stack.check_overrides(self.variables.get("gate_override", {}), cfg)
     if cfg.scan_layers:
+      if hook is not None:
+        raise ValueError("a depth hook (early exit) needs scan_layers=False (skipjax.models.layout.to_loop)")
       return self._scanned(x, positions, kv_valid, index, density, deterministic, decode)
 
     def call(block, x, entry, repeat):
       if decode:
         return block.decode(x, index, entry.slot, entry.branches, repeat)
       return block(x, positions, kv_valid, entry.slot, density, entry.branches)
-    return stack.walk(cfg, deterministic, x, call, self, decode)
+    return stack.walk(cfg, deterministic, x, call, self, decode, hook, index)
 
   def _scanned(self, x, positions, kv_valid, index, density, deterministic: bool, decode: bool):
     """`nn.scan` over the plan's positions, the stacked params [L, ...] gathered by slot.
@@ -104,8 +106,15 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, tokens: jnp.ndarray, positions: Optional[jnp.ndarray] = None,
                attention_mask: Optional[jnp.ndarray] = None, *, deterministic: bool = True,
-               decode: bool = False, density: Optional[jnp.ndarray] = None) -> jnp.ndarray:
-    """`density`: scheduled routing density P_t (training with `skip.density_warmup_steps`)."""
+               decode: bool = False, density: Optional[jnp.ndarray] = None,
+               depth_hook: Optional[Callable] = None) -> jnp.ndarray:
+    """`density`: scheduled routing density P_t (training with `skip.density_warmup_steps`).
+
+    `depth_hook(position: stack.Position, x, head: Head) -> x` runs every plan position in place
+    of the plain walk (early exit: skipjax/decode/early_exit.py); `head` is the shared head
+    (final norm + LM head) for exits after any position. The logits are the head of what the
+    last position returns.
+    """
     cfg = self.config
     dtype = cfg.compute_dtype
     embed = token_embedding(cfg.vocab_size, cfg.embed_proj_dim or cfg.d_model, dtype, name="embed")
@@ -120,15 +129,27 @@ class Transformer(nn.Module):
       x = x + SinusoidalPositions(cfg.max_len, cfg.d_model, dtype)(positions)
     # position='rope' adds nothing here: the blocks rotate q/k at `positions` (layers/attention.py).
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
-    x = self._blocks(x, positions, attention_mask, index, density, deterministic, decode)
-    if cfg.final_norm:
-      x = make_norm(cfg.norm_type, cfg.layer_norm_eps, cfg.layer_norm_affine, dtype, name="ln_final")(x)
-    if cfg.embed_proj_dim:
-      x = nn.Dense(cfg.embed_proj_dim, use_bias=False, dtype=dtype, name="project_out",
-                   kernel_init=nn.with_logical_partitioning(_kernel_init, ("embed", None)))(x)
-    if cfg.tie_embeddings:
-      logits = embed.attend(x)
-    else:
-      logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype, name="lm_head",
-                        kernel_init=nn.with_logical_partitioning(_kernel_init, ("embed", "vocab")))(x)
-    return logits.astype(jnp.float32)
+    head = self._head(embed)
+    hook = None if depth_hook is None else (lambda position, x: depth_hook(position, x, head))
+    x = self._blocks(x, positions, attention_mask, index, density, deterministic, decode, hook)
+    return head.logits(x)
+
+  def _head(self, embed) -> "Head":
+    """The shared head's modules (created here, called wherever the head is applied)."""
+    cfg = self.config
+    dtype = cfg.compute_dtype
+    norm = (make_norm(cfg.norm_type, cfg.layer_norm_eps, cfg.layer_norm_affine, dtype, name="ln_final")
+            if cfg.final_norm else (lambda h: h))
+    project_out = nn.Dense(cfg.embed_proj_dim, use_bias=False, dtype=dtype, name="project_out",
+                           kernel_init=nn.with_logical_partitioning(_kernel_init, ("embed", None))
+                           ) if cfg.embed_proj_dim else (lambda h: h)
+    out = embed.attend if cfg.tie_embeddings else nn.Dense(
+        cfg.vocab_size, use_bias=False, dtype=dtype, name="lm_head",
+        kernel_init=nn.with_logical_partitioning(_kernel_init, ("embed", "vocab")))
+    return Head(norm, lambda h: out(project_out(norm(h))).astype(jnp.float32))
+
+
+class Head(NamedTuple):
+  """The shared head: `norm(h)` the final norm, `logits(h)` [..., V] float32 = LM head(project_out(norm(h)))."""
+  norm: Callable
+  logits: Callable

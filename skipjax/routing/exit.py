@@ -14,6 +14,10 @@ Confidence measures (higher = more confident everywhere, so one rule `c ≥ λ` 
   saturation   cos(h_l, h_{l−1}): CALM's "hidden-state saturation" (§3.5), the cosine between the
                hidden state after exit position l and the one before it (h_{−1} = the input of the
                first position, e.g. the embeddings), from hidden states [L + 1, ...]. In [−1, 1].
+  learned      sigmoid(⟨w_l, h̄_l⟩ + b_l): CALM's "meta early-exit classifier" (§3.5), one linear
+               head per exit position on the final-normed state h̄_l (`learned_confidence`; the
+               heads are trained in `skipjax.depth.exit_heads`). In (0, 1). Not in `MEASURES`:
+               it needs the heads and the normed states, not the logits.
 
 Decisions:
 
@@ -92,6 +96,21 @@ def saturation(hidden: Array, eps: float = 1e-12) -> Array:
   dot = jnp.sum(cur * prev, axis=-1)                                        # [L, ...]
   norms = jnp.linalg.norm(cur, axis=-1) * jnp.linalg.norm(prev, axis=-1)    # [L, ...]
   return dot / jnp.maximum(norms, eps)
+
+
+def learned_confidence(w: Array, b: Array, normed_hidden: Array) -> Array:
+  """CALM §3.5 learned meta classifier: sigmoid(⟨w_l, h̄_l⟩ + b_l) [L, ...] in (0, 1).
+
+  w [L, d], b [L]: one linear head per exit position; normed_hidden [L, ..., d]: the state after
+  each position through the model's final norm (the input of the shared head's projection).
+  """
+  h = normed_hidden.astype(jnp.float32)
+  w = jnp.asarray(w, jnp.float32)
+  if w.ndim != 2 or h.shape[0] != w.shape[0] or h.shape[-1] != w.shape[1]:
+    raise ValueError(f"learned exit heads w {w.shape} do not fit hidden states {h.shape} ([L, d] vs [L, ..., d])")
+  w = w.reshape((w.shape[0],) + (1,) * (h.ndim - 2) + (w.shape[1],))      # [L, 1..., d]
+  b = jnp.asarray(b, jnp.float32).reshape((-1,) + (1,) * (h.ndim - 2))      # [L, 1...]
+  return jax.nn.sigmoid(jnp.sum(h * w, axis=-1) + b)                       # [L, ...]
 
 
 def confidence(measure: str, logits: Optional[Array] = None, hidden: Optional[Array] = None) -> Array:

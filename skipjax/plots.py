@@ -57,6 +57,33 @@ def skipped_layers_per_token(skipped: Sequence[int], num_layers: int, path: str)
   return _save(fig, path)
 
 
+def exit_layers_per_token(layers_run: Sequence[int], num_positions: int, path: str, labels: Sequence[str] = None,
+                          title: str = None) -> str:
+  """LtS Fig. 7 for early exit (CALM §3): layers each generated token ran (exit plan position + 1).
+
+  One bar per generated token, x ticks `labels` (the decoded token strings; default the
+  token's index), a dashed line at the mean.
+  """
+  n = len(layers_run)
+  fig, ax = plt.subplots(figsize=(min(max(6.0, 1.5 + 0.22 * n), 24.0), 3.6))
+  ax.bar(range(n), layers_run, color="tab:blue")
+  if n:
+    mean = sum(layers_run) / n
+    ax.axhline(mean, color="tab:red", ls="--", lw=1, label=f"mean {mean:.2f}")
+    ax.legend(fontsize=8, loc="upper right")
+  ax.set_ylim(0, num_positions + 0.5)
+  _integer_ticks(ax.yaxis)
+  ax.set_xticks(range(n))
+  ax.set_xticklabels([str(i) for i in range(n)] if labels is None else list(labels), rotation=90,
+                     fontsize=7 if labels is not None else 8)
+  ax.set_xlim(-0.6, n - 0.4)
+  ax.set_xlabel("generated token")
+  ax.set_ylabel(f"layers run (of {num_positions})")
+  ax.set_title(_wrapped(title or "early exit: layers run per generated token", fig), fontsize=9)
+  ax.grid(alpha=0.3, axis="y")
+  return _save(fig, path)
+
+
 # ----------------------------------------------------------- residual ratio profiling (RR §4)
 
 

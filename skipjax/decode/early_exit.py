@@ -25,8 +25,8 @@ KV-cache policies for the positions a token did not run (`policy`):
     the last `max_pending` tokens: a token whose oldest window entry is still incomplete runs
     every position (flushing the window), so nothing is ever left missing.
   * `full` — every position runs for every token (the K/V are the full model's; nothing saved);
-    only the prediction exits. Same tokens as `recompute`: the upper bound on quality for the
-    given exit rule.
+    only the prediction exits. The same tokens as `recompute` when its window never forces a token
+    deeper (max_pending ≥ the tokens generated): the upper bound on quality for the exit rule.
 
 Batches: each row exits at its own position (no whole-batch minimum as in CALM's
 implementation); a position's compute runs under `nn.cond` only while some row is still active

@@ -1,7 +1,8 @@
 """Decoder-only LM on the embedded synthetic task (or any `config.data.source`).
 
 Presets: `--config=configs/lm.py:tiny` (CPU, ~2 min), `:small` (one accelerator), `:base`,
-`:layerdrop` (tiny with LayerDrop p_max=0.2 on LayerSkip's exponential schedule).
+`:layerdrop` (tiny with LayerDrop p_max=0.2 on LayerSkip's exponential schedule), `:early_exit` (tiny
+trained with LayerSkip's early-exit loss, rotational curriculum, LayerDrop p_max=0.2 linear).
 Every field can be overridden: `--config.model.num_layers=8 --config.data.source=tfds:lm1b`.
 """
 import ml_collections
@@ -44,6 +45,11 @@ def train_config() -> ml_collections.ConfigDict:
       checkpoint_every_steps=100, keep_checkpoints=2,
       progress_bar=True,
       trainable="",             # regex over '/'-joined param paths (e.g. '.*router.*'); '' = all trainable
+      # Early-exit training (README "Early-exit training"; LayerSkip §4.2): loss Σ_l ẽ(t,l)·CE_l through
+      # the shared head. weights layerskip | uniform | last | '0.1,0.2,...'; curriculum none | rotational
+      # (rotation R) | gradual; every: an exit loss after every k-th position (the last always).
+      early_exit=ml_collections.ConfigDict(dict(
+          enabled=False, weights="layerskip", e_scale=1.0, curriculum="none", rotation=2, every=1)),
   ))
 
 
@@ -60,6 +66,10 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     pass
   elif preset == "layerdrop":
     config.model.layerdrop.update(rate=0.2, schedule="exponential")
+  elif preset == "early_exit":
+    config.model.layerdrop.update(rate=0.2, schedule="linear")
+    config.train.early_exit.update(enabled=True, weights="layerskip", e_scale=1.0, curriculum="rotational",
+                                   rotation=2)
   elif preset == "small":
     config.model.update(d_model=512, num_heads=8, num_layers=8, d_ff=2048, max_len=1024, dtype="bfloat16")
     config.data.update(batch_size=64, seq_len=512)
@@ -72,5 +82,6 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     config.train.update(num_steps=100_000, optimizer="adafactor", learning_rate=0.1, warmup_steps=10_000,
                         checkpoint_every_steps=2000, eval_every_steps=2000, log_every_steps=100)
   else:
-    raise ValueError(f"unknown preset {preset!r} for configs/lm.py; known: tiny, small, base, layerdrop")
+    raise ValueError(f"unknown preset {preset!r} for configs/lm.py; known: tiny, small, base, layerdrop, "
+                     "early_exit")
   return config

@@ -4,7 +4,7 @@ import re
 
 import numpy as np
 
-from skipjax.depth import plan as plan_lib
+from skipjax.depth import exits as exits_lib, plan as plan_lib
 from skipjax.layers.mlp import ACTIVATIONS
 from skipjax.models.config import DTYPES, LayerDropConfig
 from skipjax.train.sharding import mesh_shape
@@ -105,6 +105,7 @@ def validate_train(t) -> None:
   _in_range("train.b1", t.b1, 0.0, 1.0)
   _in_range("train.b2", t.b2, 0.0, 1.0)
   _in_range("train.adafactor_decay", t.adafactor_decay, 0.0, 1.0, lo_open=True)
+  exits_lib.EarlyExitConfig.from_config(t.get("early_exit", None))  # one-line ValueError naming the field
   trainable = t.get("trainable", "")
   _require(isinstance(trainable, str), f"config.train.trainable={trainable!r} must be a regex string")
   try:
@@ -129,11 +130,35 @@ def validate_mesh(config, num_devices: int) -> None:
            f"config.model.vocab_size={m.vocab_size} is not divisible by the mesh model axis ({model})")
 
 
+def validate_early_exit(config) -> None:
+  """`config.train.early_exit` against the model it trains (fields: validate_train)."""
+  ee = exits_lib.EarlyExitConfig.from_config(config.train.get("early_exit", None))
+  if not ee.enabled:
+    return
+  m = config.model
+  model_type = m.get("model_type", "decoder")
+  _require(model_type == "decoder", f"config.train.early_exit.enabled=True needs a decoder LM, "
+           f"config.model.model_type={model_type!r}")
+  num_positions = len(plan_lib.parse(m.get("plan", ""), m.num_layers))
+  ee.check_positions(num_positions)
+  _require(not m.get("remat", False), "config.train.early_exit.enabled=True needs config.model.remat=False: the "
+           "exit states are read by intercepting each block, which nn.remat hides")
+  layerdrop = m.get("layerdrop", None) or {}
+  if any(LayerDropConfig(**dict(layerdrop)).position_rates(num_positions)):
+    _require(layerdrop.get("unit", "example") == "example",
+             "config.model.layerdrop.unit='batch' skips positions under nn.cond, where the early-exit states "
+             "cannot be read: use unit='example' with config.train.early_exit")
+    _require(not layerdrop.get("at_inference", False),
+             "config.model.layerdrop.at_inference=True with config.train.early_exit: the per-exit eval loss "
+             "needs every plan position to run")
+
+
 def validate(config, num_devices: int) -> None:
   """Raise ValueError naming the first invalid field of a `configs/lm.py`-style config."""
   validate_model(config.model)
   validate_data(config.data, config.model)
   validate_train(config.train)
+  validate_early_exit(config)
   init_from = config.get("init_from", "")
   _require(isinstance(init_from, str), f"config.init_from={init_from!r} must be a path string ('' = none)")
   validate_mesh(config, num_devices)

@@ -58,11 +58,11 @@ def test_config_errors_name_the_field(mutate, match):
 
 
 def test_presets_are_valid():
-  for preset in ("tiny", "small", "base"):
+  for preset in ("tiny", "small", "base", "layerdrop", "early_exit"):
     config = lm.get_config(preset)
     with config.unlocked():
       config.model.vocab_size = 256
-    validation.validate(config, 8 if preset != "tiny" else 1)
+    validation.validate(config, 8 if preset in ("small", "base") else 1)
 
 
 def test_unknown_preset():

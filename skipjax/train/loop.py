@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from skipjax import data as data_lib
 from skipjax import models, plots, routing, validation
-from skipjax.depth import plan as plan_lib
+from skipjax.depth import exits as exits_lib, plan as plan_lib
 from skipjax.train import checkpoint as checkpoint_lib
 from skipjax.train import init_from as init_from_lib
 from skipjax.train import metrics as metrics_lib
@@ -91,6 +91,8 @@ def evaluate(eval_fn, params, eval_ds, num_batches: int, batch_sharding) -> Dict
   result = {"eval_loss": loss, "eval_perplexity": float(np.exp(min(loss, 50.0)))}
   if "depth_sum" in totals:
     result["eval_depth"] = float(totals["depth_sum"] / totals["count"])
+  for p, exit_sum in enumerate(totals.get("exit_nll_sum", ())):  # config.train.early_exit: every exit
+    result[f"eval_exit_loss_{p}"] = float(exit_sum / totals["count"])
   if "class_nll_sum" in totals:
     for c, name in enumerate(data_lib.DIFFICULTY_CLASSES):
       if totals["class_count"][c] > 0:
@@ -227,10 +229,13 @@ def _loop(config, model, tx, schedule, state, state_shardings, mesh, train_rng, 
   is_main = jax.process_index() == 0
   batch_sharding = sharding.batch_sharding(mesh)
   replicated = sharding.replicated(mesh)
-  p_train = jax.jit(functools.partial(step_lib.train_step, model=model, tx=tx),
+  early_exit = exits_lib.EarlyExitConfig.from_config(config.train.get("early_exit", None))
+  p_train = jax.jit(functools.partial(step_lib.train_step, model=model, tx=tx, early_exit=early_exit,
+                                      num_steps=config.train.num_steps),
                     in_shardings=(state_shardings, batch_sharding, replicated),
                     out_shardings=(state_shardings, replicated), donate_argnums=(0,))
-  p_eval = jax.jit(functools.partial(step_lib.eval_step, model=model, num_classes=len(data_lib.DIFFICULTY_CLASSES)),
+  p_eval = jax.jit(functools.partial(step_lib.eval_step, model=model, num_classes=len(data_lib.DIFFICULTY_CLASSES),
+                                     early_exit=early_exit.enabled),
                    in_shardings=(state_shardings.params, batch_sharding, replicated), out_shardings=replicated)
 
   cfg = config.train

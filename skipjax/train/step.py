@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import optax
 
 from skipjax import models, routing
+from skipjax.depth import exits
 from skipjax.models.stack import sown_keep
 from skipjax.train.state import LAYERDROP_STREAM, TrainState
 
@@ -59,26 +60,51 @@ def step_rngs(rng: jax.Array, step: jnp.ndarray) -> Dict[str, jax.Array]:
   return {"dropout": dropout, "gate": gate, "layerdrop": jax.random.fold_in(key, LAYERDROP_STREAM)}
 
 
+def _early_exit_forward(params, batch: Batch, rngs, schedule, step, *, model: nn.Module,
+                        early_exit: exits.EarlyExitConfig, num_steps: int):
+  """LayerSkip §4.2 in one forward: (Σ_l ẽ(t, l)·CE_l, last-position CE, variables, metrics)."""
+  cfg = model.config
+  outs, variables = exits.layer_outputs(cfg, params, batch["inputs"], deterministic=False, rngs=rngs,
+                                        mutable=["aux_loss", "gates"], density=schedule.get("density"))
+  ce = jnp.mean(exits.exit_nll(outs.logits, batch["targets"]), axis=(1, 2))   # [P]
+  weights = early_exit.loss_weights(step, ce.shape[0], num_steps)             # [P] ẽ(t, ·)
+  return jnp.sum(weights * ce), ce[-1], variables, {"exit_ce": ce, "exit_weights": weights}
+
+
 def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, model: nn.Module,
-               tx: optax.GradientTransformation) -> Tuple[TrainState, Dict[str, jnp.ndarray]]:
-  """loss = mean NLL + Σ sown aux losses; one optimizer update."""
+               tx: optax.GradientTransformation, early_exit: Optional[exits.EarlyExitConfig] = None,
+               num_steps: int = 0) -> Tuple[TrainState, Dict[str, jnp.ndarray]]:
+  """loss = mean NLL + Σ sown aux losses; one optimizer update.
+
+  With `early_exit` enabled (config.train.early_exit): the NLL term is LayerSkip's early-exit loss
+  Σ_l ẽ(t, l)·CE_l at t = state.step of `num_steps` (exits.EarlyExitConfig); `nll` stays the
+  last position's CE, and `exit_ce` [P] / `exit_weights` [P] are logged.
+  """
   skip = model.config.skip
   schedule = {}
   if skip.density_warmup_steps > 0:
     schedule["density"] = routing.scheduled_density(state.step, skip.target_density, skip.density_warmup_steps)
+  early_exit = early_exit if early_exit is not None and early_exit.enabled else None
 
   def loss_fn(params):
-    logits, variables = model.apply(
-        {"params": params}, batch["inputs"], deterministic=False, **schedule,
-        rngs=step_rngs(rng, state.step), mutable=["aux_loss", "gates"])
-    nll = jnp.mean(token_nll(logits, batch["targets"]))
+    metrics = {}
+    if early_exit is not None:
+      main, nll, variables, metrics = _early_exit_forward(
+          params, batch, step_rngs(rng, state.step), schedule, state.step, model=model, early_exit=early_exit,
+          num_steps=num_steps)
+    else:
+      logits, variables = model.apply(
+          {"params": params}, batch["inputs"], deterministic=False, **schedule,
+          rngs=step_rngs(rng, state.step), mutable=["aux_loss", "gates"])
+      nll = jnp.mean(token_nll(logits, batch["targets"]))
+      main = nll
     aux = sum_aux_losses(variables)
     gates = variables.get("gates", {})
-    metrics = routing_metrics(gates, _plan(model))
+    metrics.update(routing_metrics(gates, _plan(model)))
     keep = sown_keep(gates)
     if keep is not None:  # LayerDrop: fraction of (position, sequence) pairs that ran
       metrics["layerdrop_executed_fraction"] = jnp.mean(keep)
-    return nll + aux, (nll, aux, metrics)
+    return main + aux, (nll, aux, metrics)
 
   (loss, (nll, aux, routed)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -88,19 +114,29 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, model: nn.Mod
 
 
 def eval_step(params: Any, batch: Batch, rng: Optional[jax.Array] = None, *, model: nn.Module,
-              num_classes: int = 0, deterministic: bool = True) -> Dict[str, jnp.ndarray]:
+              num_classes: int = 0, deterministic: bool = True, early_exit: bool = False) -> Dict[str, jnp.ndarray]:
   """Summed NLL and token counts (overall and per difficulty class when the batch has one),
   and with routing the executed depth per token. Routing is deterministic (argmax) unless
   `deterministic=False` (gates sampled as in training, from `rng`; also enables dropout); the
-  `random` baseline always draws Bernoulli(P) gates from `rng`."""
+  `random` baseline always draws Bernoulli(P) gates from `rng`. `early_exit`: also the summed
+  NLL of every plan position's exit, `exit_nll_sum` [P] (the same forward; the last is `nll_sum`)."""
   rng = jax.random.key(0) if rng is None else rng
   gate_rng, dropout_rng = jax.random.split(rng)
   rngs = {"gate": gate_rng, "dropout": dropout_rng, "layerdrop": jax.random.fold_in(rng, LAYERDROP_STREAM)}
-  logits, variables = model.apply({"params": params}, batch["inputs"], deterministic=deterministic,
-                                  mutable=["gates"], rngs=rngs)
+  exit_nll_sum = None
+  if early_exit:
+    outs, variables = exits.layer_outputs(model.config, params, batch["inputs"], deterministic=deterministic,
+                                          rngs=rngs, mutable=["gates"])
+    exit_nll_sum = jnp.sum(exits.exit_nll(outs.logits, batch["targets"]), axis=(1, 2))  # [P]
+    logits = outs.logits[-1]                                                 # [B, T, V] the model's
+  else:
+    logits, variables = model.apply({"params": params}, batch["inputs"], deterministic=deterministic,
+                                    mutable=["gates"], rngs=rngs)
   nll = token_nll(logits, batch["targets"])
   depth = executed_depth(variables.get("gates", {}), _plan(model))
   out = {"nll_sum": jnp.sum(nll), "count": jnp.asarray(nll.size, jnp.float32)}
+  if exit_nll_sum is not None:
+    out["exit_nll_sum"] = exit_nll_sum
   if depth is not None:
     out["depth_sum"] = jnp.sum(depth)
   if num_classes and "difficulty" in batch:

@@ -365,3 +365,14 @@ def test_init_from_workdir_and_bad_sources(trained, tmp_path):
   config = _config(trainable="(")
   with pytest.raises(ValueError, match=r"config.train.trainable='\(' is not a valid regex"):
     loop.train_and_evaluate(config, str(tmp_path / "w3"))
+
+
+def test_resume_reads_fields_added_since_the_run_as_their_old_behaviour():
+  """A config.json written before plans / LayerDrop / early-exit training existed resumes unchanged."""
+  config = lm.get_config("tiny")
+  stored = json.loads(config.to_json())
+  del stored["model"]["plan"], stored["model"]["layerdrop"], stored["train"]["early_exit"]
+  assert workdir_lib.config_changes(stored, config) == []
+  with config.unlocked():
+    config.train.early_exit.enabled = True
+  assert workdir_lib.config_changes(stored, config) == [("train.early_exit.enabled", False, True)]

@@ -25,6 +25,15 @@ RESUME_MAY_CHANGE = (
     "init_from",  # only read by a fresh run; a resumed run continues from its own checkpoint
 )
 
+# Fields added after runs were written: a stored config without one ran as with this value.
+ADDED_FIELDS = {
+    "model.plan": "",
+    "model.layerdrop.rate": 0.0, "model.layerdrop.schedule": "constant", "model.layerdrop.rates": "",
+    "model.layerdrop.unit": "example", "model.layerdrop.at_inference": False,
+    "train.early_exit.enabled": False, "train.early_exit.weights": "layerskip", "train.early_exit.e_scale": 1.0,
+    "train.early_exit.curriculum": "none", "train.early_exit.rotation": 2, "train.early_exit.every": 1,
+}
+
 
 class WorkdirError(OSError):
   """The workdir cannot be used as asked (in use by another run, or a config mismatch)."""
@@ -102,6 +111,8 @@ def read_config(workdir: str):
 def config_changes(stored: Dict[str, Any], config, ignore: Tuple[str, ...] = ()) -> List[Tuple[str, Any, Any]]:
   """(field, stored value, new value) for every field that differs, sorted by field."""
   old, new = _normalize(stored), _normalize(config)
+  if any(field.startswith("model.") for field in old):  # (a training config, not a bare model block)
+    old = {**{f: v for f, v in ADDED_FIELDS.items() if f in new}, **old}
   missing = object()
   changes = []
   for field in sorted(set(old) | set(new)):

@@ -97,11 +97,13 @@ class ExitRule:
       return p == self.fixed_layer
     return p >= self.min_layer and (p + 1) % self.every == 0
 
-  def threshold_at(self, t, num_new: int) -> jnp.ndarray:
-    """λ_t for generated token t of `num_new` (constant without `decay_tau`)."""
+  def threshold_at(self, t, num_new: int, threshold=None) -> jnp.ndarray:
+    """λ_t for generated token t of `num_new` (constant without `decay_tau`); `threshold`
+    (possibly traced) replaces `self.threshold`."""
+    lam = self.threshold if threshold is None else threshold
     if self.decay_tau is None:
-      return jnp.asarray(self.threshold, jnp.float32)
-    return exit_lib.decaying_threshold(self.threshold, t, max(num_new, 1), self.decay_tau)
+      return jnp.asarray(lam, jnp.float32)
+    return exit_lib.decaying_threshold(lam, t, max(num_new, 1), self.decay_tau)
 
 
 def _confidence(rule: ExitRule, p: int, head, h_prev, h, exit_heads) -> jnp.ndarray:
@@ -263,8 +265,9 @@ def _check(model: nn.Module, rule: ExitRule, policy: str, exit_heads) -> int:
 
 @functools.partial(jax.jit, static_argnames=("model", "rule", "policy", "max_new_tokens", "max_pending",
                                              "temperature", "return_logits"))
-def _generate(params, prompt, exit_heads, rng, *, model, rule, policy, max_new_tokens, max_pending, temperature,
-              return_logits):
+def _generate(params, prompt, exit_heads, rng, threshold, *, model, rule, policy, max_new_tokens, max_pending,
+              temperature, return_logits):
+  """`threshold` λ is traced (one compile serves every λ); `rule` carries the rest."""
   batch, prompt_len = prompt.shape
   num_positions = len(model.config.execution_plan)
   max_len = model.config.max_len
@@ -292,7 +295,8 @@ def _generate(params, prompt, exit_heads, rng, *, model, rule, policy, max_new_t
       leaves = (start == index - (size - 1)) & (start + size < max_len)
       allow = ~(leaves & (oldest < num_positions))[:, None]                          # [B, 1]
       hook_window = {**window, "start": start, "cur": index - start, "index": index, "size": size}
-    hook = _Hook(rule, policy, num_positions, rule.threshold_at(t, max_new_tokens), exit_heads, allow, hook_window)
+    lam = rule.threshold_at(t, max_new_tokens, threshold)
+    hook = _Hook(rule, policy, num_positions, lam, exit_heads, allow, hook_window)
     logits, state = model.apply({"params": params, "cache": cache}, token, decode=True, depth_hook=hook,
                                 mutable=["cache"])
     logits = logits[:, -1]                                                           # [B, V]
@@ -342,7 +346,9 @@ def generate(model: nn.Module, params: Params, prompt_tokens, max_new_tokens: in
     raise ValueError("sampling (temperature > 0) needs an rng")
   heads = None if exit_heads is None else {k: jnp.asarray(exit_heads[k], jnp.float32) for k in ("w", "b")}
   del num_positions
-  return _generate(params, prompt, heads, jax.random.key(0) if rng is None else rng, model=model, rule=rule,
+  rng = jax.random.key(0) if rng is None else rng
+  threshold = jnp.asarray(rule.threshold, jnp.float32)
+  return _generate(params, prompt, heads, rng, threshold, model=model, rule=dataclasses.replace(rule, threshold=0.0),
                    policy=policy, max_new_tokens=int(max_new_tokens), max_pending=int(max_pending),
                    temperature=float(temperature), return_logits=bool(return_logits))
 

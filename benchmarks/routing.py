@@ -11,9 +11,13 @@
    random-gating routers (Bernoulli(0.5) per token and layer, a fresh key per step) decide, so
    half of the token-layers run; each layer's Q/attention/FFN sit in a `lax.cond`. The routed
    fraction is printed.
+3. Mixture-of-Depths (Raposo et al. 2024; `--parts mod`): train-step time of an MoD stack (expert-choice
+   top-k, C = ⌊P·T⌋ per sequence, gathered by `routing.topk_dispatch`; every layer or every other
+   layer routed) vs the dense stack, at P ∈ {0.5, 0.125}.
 All ratios are measured in one run, on one device.
 """
 import argparse
+import dataclasses
 import time
 
 import flax.linen as nn
@@ -49,6 +53,12 @@ def _time(fn, *args, iters):
 
 
 def step_time(cfg, tokens, iters):
+  fn, args = step_fn(cfg, tokens)
+  return _time(fn, *args, iters=iters)
+
+
+def step_fn(cfg, tokens):
+  """(jitted forward+backward step, its args) of the model `cfg` on `tokens` (timed by `step_time`)."""
   model = models.build(cfg)
   params = nn.meta.unbox(model.init({"params": jax.random.key(0), "gate": jax.random.key(1)}, tokens[:1])["params"])
 
@@ -60,7 +70,7 @@ def step_time(cfg, tokens, iters):
       return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, tokens[..., None], -1)[..., 0])
     return jax.grad(loss)(params)
 
-  return _time(grad_step, params, tokens, jax.random.key(2), iters=iters)
+  return grad_step, (params, tokens, jax.random.key(2))
 
 
 def decode_time(cfg, steps, iters):
@@ -115,12 +125,56 @@ def decode_row(p, steps, iters):
         f"SkipLayer(L={2 * half}, routed {routed:.2f}) {t_skip * 1e3:.3f} ms, ratio {t_skip / t_dense:.2f}×")
 
 
+# -- Mixture-of-Depths --------------------------------------------------------------------------
+
+MOD_DENSITIES = (0.5, 0.125)
+MOD_EVERY = (1, 2)
+
+
+def mod_config(p, density, every):
+  """MoD stack: router='mod', capacity ⌊P·T⌋, every `every`-th layer routed (training: top-k gather)."""
+  return dataclasses.replace(_config(p, p["layers"]), skip=models.SkipConfig(
+      router="mod", target_density=density, mod_every=every))
+
+
+def mod_flops_ratio(p, density, every):
+  """Analytic forward FLOPs of the MoD stack / dense (routing.flops_per_token; K/V for every token)."""
+  kw = dict(d_model=p["d_model"], d_ff=p["d_ff"], seq_len=p["seq"], num_heads=p["heads"], causal=True)
+  densities = [density if i % every == every - 1 else 1.0 for i in range(p["layers"])]
+  mod = routing.flops_per_token(densities, router=False, **kw)
+  return float(mod / routing.flops_per_token([1.0] * p["layers"], router=False, **kw))
+
+
+def mod_table(p, tokens, iters, rounds=5):
+  """MoD vs dense step time, measured round robin (`rounds` × `iters` steps of each model, dense
+  included): the median per-round time and per-round ratio to dense, robust to a shared machine."""
+  cases = {"dense": _config(p, p["layers"])}
+  cases.update({(every, density): mod_config(p, density, every) for every in MOD_EVERY for density in MOD_DENSITIES})
+  fns = {k: step_fn(cfg, tokens) for k, cfg in cases.items()}
+  times = {k: [] for k in fns}
+  for k, (fn, args) in fns.items():
+    _time(fn, *args, iters=1)  # compile + warm up
+  for _ in range(rounds):
+    for k, (fn, args) in fns.items():
+      times[k].append(_time(fn, *args, iters=iters))
+  dense = np.asarray(times["dense"])
+  print(f"\n## Mixture-of-Depths train step (fwd+bwd), L={p['layers']}, median of {rounds} rounds × {iters} steps: "
+        f"dense {np.median(dense) * 1e3:.1f} ms")
+  print("| P | routed layers | FLOPs ratio (ideal) | MoD top-k gather (ratio to dense) |\n|---|---|---|---|")
+  for every in MOD_EVERY:
+    for density in MOD_DENSITIES:
+      t = np.asarray(times[(every, density)])
+      routed = "all" if every == 1 else f"1 in {every}"
+      print(f"| {density} | {routed} | {mod_flops_ratio(p, density, every):.2f}× | "
+            f"{np.median(t) * 1e3:.1f} ms ({np.median(t / dense):.2f}×) |")
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
   parser.add_argument("--iters", type=int, default=5)
   parser.add_argument("--decode_steps", type=int, default=128)
-  parser.add_argument("--parts", default="train,decode", help="comma list of: train, decode")
+  parser.add_argument("--parts", default="train,decode,mod", help="comma list of: train, decode, mod")
   args = parser.parse_args()
   p = PRESETS[args.preset]
   print(f"device={jax.devices()[0].device_kind} preset={args.preset} {p}")
@@ -130,6 +184,8 @@ def main():
     train_table(p, tokens, args.iters)
   if "decode" in args.parts:
     decode_row(p, args.decode_steps, args.iters)
+  if "mod" in args.parts:
+    mod_table(p, tokens, args.iters)
 
 
 if __name__ == "__main__":

@@ -22,11 +22,21 @@ def model_config() -> ml_collections.ConfigDict:
       plan="",                 # execution plan, e.g. '0:3,5:8' (README "Execution plans"); '': identity
       skip=ml_collections.ConfigDict(dict(
           router="none", dispatch="masked", target_density=1.0, granularity="layer",
-          gsize=64, capacity_factor=1.25, aux_weight=0.1, temperature=1.0, density_warmup_steps=0)),
+          gsize=64, group_size=0, capacity_factor=1.25, aux_weight=0.1, temperature=1.0, density_warmup_steps=0,
+          # Mixture-of-Depths (router='mod', README "Mixture-of-Depths"): route every k-th layer,
+          # causal rule aux_loss | predictor and its BCE weight, deterministic eval causal | topk.
+          mod_every=1, mod_causal="aux_loss", mod_aux_weight=0.1, mod_eval="causal",
+          # Gate semantics (README "SkipLayer"): gate_form paper | residual (layer granularity),
+          # router_bias_init warmup | target, router_input stream | norm (the block's pre-norm LN(x)).
+          gate_form="paper", router_bias_init="warmup", router_input="stream")),
       # LayerDrop (README "LayerDrop"): rate p, schedule constant | linear | exponential, explicit
       # per-position `rates` ('0,0.1,...'), unit example | batch, at_inference (sample in eval too).
       layerdrop=ml_collections.ConfigDict(dict(
           rate=0.0, schedule="constant", rates="", unit="example", at_inference=False)),
+      # Structured FF sparsity (Dong et al. 2023; README): expansion F (d_ff = F·d_model when > 0), FF
+      # kernels tied across layers, block-sparsity regulariser λ over blocks of B neurons, first E exempt.
+      ffn=ml_collections.ConfigDict(dict(
+          expansion=0, tied=False, block_sparsity_weight=0.0, block_size=64, exempt=0)),
   ))
 
 
@@ -45,6 +55,7 @@ def train_config() -> ml_collections.ConfigDict:
       checkpoint_every_steps=100, keep_checkpoints=2,
       progress_bar=True,
       trainable="",             # regex over '/'-joined param paths (e.g. '.*router.*'); '' = all trainable
+      router_lr_multiplier=1.0,  # router params ('router' in their path) learn at this × learning_rate
       # Early-exit training (README "Early-exit training"; LayerSkip §4.2): loss Σ_l ẽ(t,l)·CE_l through
       # the shared head. weights layerskip | uniform | last | '0.1,0.2,...'; curriculum none | rotational
       # (rotation R) | gradual; every: an exit loss after every k-th position (the last always).

@@ -40,10 +40,20 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.oracle_sequences = 8       # sequences used by the applied / sensitivity / imitation oracles
   c.seed = 0
   c.tiny = ml_collections.ConfigDict(dict(num_layers=2, d_model=32, num_heads=4, ffn_dim=64, vocab_size=64))
+  # `--mode=sparsity` (skipjax/profile/sparsity.py): FF activation sparsity (SS) and CATS thresholds.
+  c.sparsity = ml_collections.ConfigDict(dict(
+      block_size=64,      # SS §3.2: B contiguous neurons per block
+      exempt=0,           # SS §3.2: the first E neurons form one always-active block
+      cats=(),            # CATS target fractions of zeroed activations, e.g. (0.5, 0.7, 0.9); () = none
+      site="hidden",      # hidden: a entering FF2 (gated: act(W_g x) ⊙ W_i x) | gate: act(W_g x) (CATS's site)
+      calib_tokens=1024,  # random profiled tokens whose |a| set the per-layer CATS thresholds
+      map_tokens=8,       # random tokens shown in the block-activation maps (SS Fig. 4)
+      figure_layers=6))   # layers shown in the frequency / block-map figures (evenly spaced)
   if preset == "tiny":
     c.update(model="tiny", data="random", seq_len=32, num_sequences=8, batch_size=8, oracle_sequences=8,
              imitation_steps=150, thresholds=(0.1, 0.2, 0.3, 0.5, 0.8))
     c.threshold = 0.3
+    c.sparsity.update(block_size=8, cats=(0.5,))
   elif preset != "default":
     raise ValueError(f"unknown preset {preset!r} for configs/profile.py; known: tiny, default")
   return c

@@ -6,9 +6,12 @@ Presets (`--config=configs/skiplayer.py:<preset>`):
   tiny_random              same shape, random gating (LtS "Rand" baseline)
   tiny_dense               Standard dense model of the same width with L·P layers
   tiny_wideffn             WideFFN: 2× FFN, routing only the FFN block
-  tiny_highway             HighwayNet-style soft gate on the FFN residual (no skipping)
+  tiny_highway             HighwayNet baseline on the FFN block, y = T·R(x) + (1 − T)·x (no skipping)
   lts_L<L>_P<P>            LtS Table 1 family: d = 1536, FFN 8×, head dim 64, L ∈ {6,12,24,48,96},
-                           P ∈ {1, .5, .25, .125} (e.g. lts_L24_P0.25); P = 1 is the dense model
+                           P ∈ {1, .5, .25, .125} (e.g. lts_L24_P0.25); P = 1 is the dense model.
+                           `grouped` dispatch, Gsize 1024 within routing groups of 32 rows
+                           (LtS §2.2 pools a data shard's tokens; 8 groups per batch of 256, so
+                           up to 8 data shards): compute fraction ≈ P + 1/32 (0.156 at P = .125)
   cpu_L<L>_P<P>            the same shapes scaled to CPU (d = 128, FFN 8×, head dim 32)
 """
 import re
@@ -19,6 +22,9 @@ from configs import lm
 
 LTS_LAYERS = (6, 12, 24, 48, 96)
 LTS_DENSITIES = (1.0, 0.5, 0.25, 0.125)
+# LtS §2.2: Gsize ∝ P·B·T over the tokens of a data shard. One group per row (the old setting,
+# gsize = seq_len = 1024) made every row a single chunk that always ran: compute fraction 1.
+LTS_GROUP_ROWS = 32
 
 
 def _skip(config, **kw):
@@ -60,7 +66,9 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     _skip(config, granularity="ffn")
   elif preset == "tiny_highway":
     config.model.update(num_layers=4)
-    _skip(config, router="highway", granularity="ffn", target_density=0.5)  # T starts at σ(0)
+    # Highway y = T·R(x) + (1 − T)·x; the bias init logit(P) starts T at σ(−2) ≈ 0.12, biased
+    # towards carrying x (Srivastava et al. 2015 start the transform-gate bias negative, −1 … −3).
+    _skip(config, router="highway", granularity="ffn", target_density=0.12)
   elif match:
     family, num_layers, density = match.group(1), int(match.group(2)), float(match.group(3))
     if num_layers not in LTS_LAYERS or density not in LTS_DENSITIES:
@@ -72,7 +80,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
       config.data.update(seq_len=1024, batch_size=256, source="tfds:lm1b", tokenizer="bpe", bpe_vocab_size=32768)
       config.train.update(optimizer="adafactor", learning_rate=0.1, warmup_steps=10_000, num_steps=100_000,
                           checkpoint_every_steps=2000, eval_every_steps=2000, log_every_steps=100)
-      _skip(config, gsize=1024, dispatch="grouped" if density < 1.0 else "masked")
+      _skip(config, gsize=1024, group_size=LTS_GROUP_ROWS * 1024, dispatch="grouped" if density < 1.0 else "masked")
     else:
       _lts_shape(config, num_layers, density, 128, 32)
   else:

@@ -284,3 +284,128 @@ def median_ratio_by_size(sizes, medians, names, path: str, title: str = None) ->
   ax.set_title(_wrapped(title or "median residual ratio by model size (RR Fig. 4)", fig), fontsize=9)
   ax.grid(alpha=0.3)
   return _save(fig, path)
+
+
+# ------------------------------------------------- FF activation sparsity (SS = Dong et al. 2023)
+
+
+def neuron_frequencies(frequency, path: str, layers=None, title: str = None) -> str:
+  """SS Fig. 1/2: per shown layer (a row), neuron activation frequencies sorted (left, descending)
+  and unsorted (right, by neuron index). `frequency`: [L, F] in [0, 1]."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  freq = np.asarray(frequency, np.float64)
+  layers = list(range(freq.shape[0])) if layers is None else list(layers)
+  fig, axes = plt.subplots(len(layers), 2, figsize=(10, 0.4 + 1.5 * len(layers)), squeeze=False)
+  neurons = np.arange(freq.shape[1])
+  for row, layer in zip(axes, layers):
+    f = freq[layer]
+    row[0].fill_between(neurons, np.sort(f)[::-1], color="tab:blue", step="post", lw=0)
+    row[1].vlines(neurons, 0, f, color="tab:red", lw=0.6)  # one spike per neuron (fast for large F)
+    for ax in row:
+      ax.set_xlim(0, len(neurons))
+      ax.set_ylim(0, max(1e-3, float(f.max()) * 1.05))
+      ax.grid(alpha=0.3, axis="y")
+      ax.tick_params(labelsize=7)
+    row[0].set_ylabel(f"layer {layer + 1}\nfrequency", fontsize=8)
+  axes[0, 0].set_title("sorted", fontsize=8)
+  axes[0, 1].set_title("unsorted", fontsize=8)
+  axes[-1, 0].set_xlabel("neuron rank")
+  axes[-1, 1].set_xlabel("neuron index")
+  if title:
+    fig.suptitle(_wrapped(title, fig), fontsize=9)
+  return _save(fig, path)
+
+
+def layer_similarity(dice, jaccard, path: str, title: str = None) -> str:
+  """SS Fig. 3: Dice coefficient and Jaccard index of active-neuron sets between every pair of
+  layers, two heat maps ([L, L] each); values written in the cells when L ≤ 12."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
+  for ax, (name, m) in zip(axes, (("Dice coefficient", dice), ("Jaccard index", jaccard))):
+    m = np.asarray(m, np.float64)
+    n = m.shape[0]
+    im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
+    ticks = range(0, n, max(1, int(np.ceil(n / 12))))
+    ax.set_xticks(ticks, [str(i + 1) for i in ticks], fontsize=7)
+    ax.set_yticks(ticks, [str(i + 1) for i in ticks], fontsize=7)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("layer")
+    ax.set_title(name, fontsize=9)
+    if n <= 12:
+      for i in range(n):
+        for j in range(n):
+          ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                  color="white" if m[i, j] < 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+  if title:
+    fig.suptitle(_wrapped(title, fig), fontsize=9)
+  return _save(fig, path)
+
+
+def block_activation_maps(maps, path: str, layers=None, title: str = None) -> str:
+  """SS Fig. 4: active blocks (dark red) of the same sampled tokens in each shown layer (a panel,
+  top to bottom); x = block index, y = sample index. `maps`: bool [L, S, num_blocks]."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from matplotlib.colors import ListedColormap  # pylint: disable=import-outside-toplevel
+  maps = np.asarray(maps, np.float32)
+  layers = list(range(maps.shape[0])) if layers is None else list(layers)
+  samples, blocks = maps.shape[1:]
+  fig, axes = plt.subplots(len(layers), 1, figsize=(min(16, 3 + 0.12 * blocks), 0.6 + (0.25 + 0.12 * samples) *
+                                                    len(layers)), squeeze=False)
+  for ax, layer in zip(axes[:, 0], layers):
+    ax.imshow(maps[layer], aspect="auto", cmap=ListedColormap(["#fbeee6", "#8b0000"]), vmin=0, vmax=1,
+              interpolation="nearest")
+    ax.set_ylabel(f"layer {layer + 1}", fontsize=7)
+    ax.set_yticks([])
+    _integer_ticks(ax.xaxis)
+    ax.tick_params(labelsize=6)
+  axes[-1, 0].set_xlabel("block index")
+  if title:
+    axes[0, 0].set_title(_wrapped(title, fig), fontsize=8)
+  return _save(fig, path)
+
+
+def sparsity_per_layer(sparsity, block_sparsity, path: str, title: str = None) -> str:
+  """Per-layer activation sparsity (SS §1: fraction non-zero) and block sparsity (SS §3.2)."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  s, b = np.asarray(sparsity, np.float64), np.asarray(block_sparsity, np.float64)
+  layers = np.arange(1, len(s) + 1)
+  fig, ax = plt.subplots(figsize=(max(5.0, 1.5 + 0.25 * len(s)), 3.6))
+  ax.bar(layers - 0.2, s, 0.4, color="tab:blue", label=f"sparsity (mean {s.mean():.3f})")
+  ax.bar(layers + 0.2, b, 0.4, color="tab:red", label=f"block sparsity (mean {b.mean():.3f})")
+  ax.set_ylim(0, 1.05)
+  ax.set_xlabel("layer")
+  ax.set_ylabel("fraction (lower = sparser)")
+  _integer_ticks(ax.xaxis)
+  ax.grid(alpha=0.3, axis="y")
+  ax.legend(fontsize=7)
+  if title:
+    ax.set_title(_wrapped(title, fig), fontsize=8)
+  return _save(fig, path)
+
+
+def cats_cost(dense: dict, rows, path: str, title: str = None) -> str:
+  """CATS (Lee et al. 2024): perplexity against the measured activation sparsity (fraction
+  non-zero) for each target, and the dense model; block sparsity on a second axis."""
+  fig, ax = plt.subplots(figsize=(6, 4))
+  xs = [dense["sparsity"]] + [r["sparsity"] for r in rows]
+  ppl = [dense["perplexity"]] + [r["perplexity"] for r in rows]
+  ax.plot(xs, ppl, "o-", color="tab:blue", label="perplexity")
+  for r in rows:
+    ax.annotate(f"zero {r['target_zero_fraction']:g}\n{100 * r['perplexity_increase']:+.1f} %",
+                (r["sparsity"], r["perplexity"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+  ax.annotate("dense", (xs[0], ppl[0]), textcoords="offset points", xytext=(-30, 4), fontsize=7)
+  ax.set_xlabel("activation sparsity (fraction non-zero, SS §1)")
+  ax.set_ylabel("perplexity")
+  ax.invert_xaxis()
+  ax.grid(alpha=0.3)
+  bx = ax.twinx()
+  bx.plot(xs, [dense["block_sparsity"]] + [r["block_sparsity"] for r in rows], "s--", color="tab:red",
+          label="block sparsity")
+  bx.set_ylabel("block sparsity (SS §3.2)", color="tab:red")
+  bx.set_ylim(0, 1.05)
+  lines = ax.get_legend_handles_labels(), bx.get_legend_handles_labels()
+  ax.legend(lines[0][0] + lines[1][0], lines[0][1] + lines[1][1], fontsize=7, loc="center left")
+  if title:
+    ax.set_title(_wrapped(title, fig), fontsize=8)
+  return _save(fig, path)

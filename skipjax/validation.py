@@ -6,10 +6,12 @@ import numpy as np
 
 from skipjax.depth import exits as exits_lib, plan as plan_lib
 from skipjax.layers.mlp import ACTIVATIONS
-from skipjax.models.config import DTYPES, LayerDropConfig
+from skipjax.models.config import DTYPES, FFNConfig, LayerDropConfig
+from skipjax.models.config import check_gate_semantics
+from skipjax.routing.groups import check_group_size
 from skipjax.train.sharding import mesh_shape
 
-ROUTERS = ("gumbel", "top1", "sigmoid", "random", "none", "highway")
+ROUTERS = ("gumbel", "top1", "sigmoid", "random", "none", "highway", "mod")
 DISPATCHES = ("masked", "capacity", "grouped")
 SOURCES = ("synthetic:", "text:", "tfds:")
 MAX_LEARNING_RATE = 10.0  # far above any working rate (adamw ~1e-3, LtS adafactor 0.1)
@@ -50,6 +52,10 @@ def validate_model(m) -> None:
   _require(bool(m.head_dim) or m.d_model % m.num_heads == 0,
            f"config.model.num_heads={m.num_heads} does not divide d_model={m.d_model}")
   _require(m.d_ff >= 1, f"config.model.d_ff={m.d_ff} must be >= 1")
+  ffn = FFNConfig.from_dict(m.get("ffn", None))  # one-line ValueError naming config.model.ffn.<field>
+  batch_drop = layerdrop.get("unit", "example") == "batch" and any(
+      LayerDropConfig(**layerdrop).position_rates(len(plan)))
+  ffn.check(ffn.hidden(m.d_model, m.d_ff), m.skip.router, m.skip.dispatch, batch_drop)
   _one_of("model.activation", m.activation, sorted(ACTIVATIONS))
   _one_of("model.norm", m.norm, ("pre", "post"))
   _one_of("model.post_ln_skip", m.get("post_ln_skip", "identity"), ("identity", "ln"))
@@ -67,8 +73,9 @@ def validate_model(m) -> None:
   _one_of("model.skip.router", s.router, ROUTERS)
   _one_of("model.skip.dispatch", s.dispatch, DISPATCHES)
   _one_of("model.skip.granularity", s.granularity, ("layer", "block", "ffn"))
-  _require(s.router == "none" or m.norm == "pre",
-           f"config.model.skip.router={s.router!r} needs config.model.norm='pre' (LtS routes pre-LN layers), got {m.norm!r}")
+  # gate_form / router_bias_init / router_input, and post-LN only with layer-granularity routers (issue 15 P8).
+  check_gate_semantics(m.norm, s.router, s.granularity, s.get("gate_form", "paper"),
+                       s.get("router_bias_init", "warmup"), s.get("router_input", "stream"))
   _require(0.0 < s.target_density <= 1.0,
            f"config.model.skip.target_density={s.target_density} must be in (0, 1]")
   _require(s.gsize >= 1, f"config.model.skip.gsize={s.gsize} must be >= 1")
@@ -80,6 +87,26 @@ def validate_model(m) -> None:
   _require(not (warmup and s.dispatch == "capacity"),
            "config.model.skip.density_warmup_steps > 0 needs dispatch 'masked' or 'grouped': 'capacity' "
            "sizes its static slots from the final P and would drop the warm-up's extra tokens")
+  validate_mod(m)
+
+
+def validate_mod(m) -> None:
+  """Mixture-of-Depths fields (`skip.mod_*`, skipjax/routing/mod.py)."""
+  s = m.skip
+  every = s.get("mod_every", 1)
+  _require(isinstance(every, int) and every >= 1, f"config.model.skip.mod_every={every!r} must be an integer >= 1")
+  _one_of("model.skip.mod_causal", s.get("mod_causal", "aux_loss"), ("aux_loss", "predictor"))
+  _one_of("model.skip.mod_eval", s.get("mod_eval", "causal"), ("causal", "topk"))
+  _in_range("model.skip.mod_aux_weight", s.get("mod_aux_weight", 0.1), 0.0, math.inf)
+  if s.router != "mod":
+    return
+  _require(s.granularity == "layer", f"config.model.skip.router='mod' routes whole layers: "
+           f"config.model.skip.granularity={s.granularity!r} must be 'layer'")
+  _require(m.norm == "pre", f"config.model.skip.router='mod' needs config.model.norm='pre', got {m.norm!r}")
+  _require(not s.get("density_warmup_steps", 0), "config.model.skip.density_warmup_steps > 0 does not apply to "
+           "router='mod': its top-k capacity ⌊P·T⌋ is static")
+  _require(every == 1 or not (m.get("scan_layers", False) or m.get("remat", False)),
+           f"config.model.skip.mod_every={every} needs scan_layers=False and remat=False (a static layer index)")
 
 
 def validate_data(d, model) -> None:
@@ -105,6 +132,7 @@ def validate_train(t) -> None:
   _in_range("train.b1", t.b1, 0.0, 1.0)
   _in_range("train.b2", t.b2, 0.0, 1.0)
   _in_range("train.adafactor_decay", t.adafactor_decay, 0.0, 1.0, lo_open=True)
+  _in_range("train.router_lr_multiplier", t.get("router_lr_multiplier", 1.0), 0.0, math.inf, lo_open=True)
   exits_lib.EarlyExitConfig.from_config(t.get("early_exit", None))  # one-line ValueError naming the field
   trainable = t.get("trainable", "")
   _require(isinstance(trainable, str), f"config.train.trainable={trainable!r} must be a regex string")
@@ -124,8 +152,11 @@ def validate_mesh(config, num_devices: int) -> None:
   _require(config.data.batch_size % data == 0,
            f"config.data.batch_size={config.data.batch_size} is not divisible by the mesh data axis ({data})")
   m = config.model
+  if m.skip.router != "none":  # each routing group on one data shard (skipjax/routing/groups.py)
+    check_group_size(config.data.batch_size, config.data.seq_len, m.skip.get("group_size", 0), data)
   _require(m.num_heads % model == 0, f"config.model.num_heads={m.num_heads} is not divisible by the mesh model axis ({model})")
-  _require(m.d_ff % model == 0, f"config.model.d_ff={m.d_ff} is not divisible by the mesh model axis ({model})")
+  d_ff = FFNConfig.from_dict(m.get("ffn", None)).hidden(m.d_model, m.d_ff)  # F·d_model with ffn.expansion
+  _require(d_ff % model == 0, f"config.model.d_ff={d_ff} is not divisible by the mesh model axis ({model})")
   _require(m.vocab_size % model == 0,
            f"config.model.vocab_size={m.vocab_size} is not divisible by the mesh model axis ({model})")
 

@@ -1,21 +1,28 @@
 """Experiment scripts run end to end (tiny step counts; the figures in README come from full runs)."""
 import json
-import sys
 
 from experiments import learned_vs_random
 
 
-def test_learned_vs_random_smoke(tmp_path, monkeypatch):
-  monkeypatch.setattr(sys, "argv", ["learned_vs_random", f"--workdir={tmp_path}", "--steps=2",
-                                    "--densities=0.25", f"--wikitext={tmp_path / 'absent'}"])
-  learned_vs_random.main()
-  summary = json.loads((tmp_path / "learned_vs_random.json").read_text())["final_eval"]
-  assert set(summary) == {"synthetic_P0.25"}
-  assert set(summary["synthetic_P0.25"]) == {"gumbel", "gumbel_sampled", "random", "none"}
-  for router in ("gumbel", "gumbel_sampled", "random"):
-    result = summary["synthetic_P0.25"][router]
-    assert 0 < result["eval_loss"] < 10 and 0 <= result["eval_depth"] <= 8
-  assert "eval_depth" not in summary["synthetic_P0.25"]["none"]  # dense: 2 layers, no routing
+def test_learned_vs_random_smoke(tmp_path):
+  """Routed methods train, are evaluated (learned: argmax and sampled; MoD: causal and top-k) and timed;
+  the summary's means are those of the per-seed runs."""
+  import numpy as np
+  learned_vs_random.main([f"--workdir={tmp_path}", "--steps=2", "--seeds=0", "--densities=0.25",
+                          "--methods=learned_residual,mod", "--num_layers=2", "--d_model=32", "--batch_size=8", "--seq_len=32",
+                          "--eval_batches=1", "--timing_repeats=1", f"--wikitext={tmp_path / 'absent'}"])
+  result = json.loads((tmp_path / "learned_vs_random.json").read_text())
+  summary = result["summary"]["synthetic_P0.25"]
+  assert set(summary) == {"learned_residual", "mod"}
+  assert set(summary["learned_residual"]) == {"argmax", "sampled"} and set(summary["mod"]) == {"causal", "top-k"}
+  for method, kind in (("learned_residual", "argmax"), ("mod", "causal"), ("mod", "top-k")):
+    fields = summary[method][kind]
+    assert 0 < fields["eval_loss"]["mean"] < 10 and 0 <= fields["eval_executed_depth"]["mean"] <= 2
+    per_seed = [r["eval_loss"] for r in result["runs"][f"synthetic_P0.25|{method}|{kind}"]]
+    assert len(per_seed) == 1 and fields["eval_loss"]["mean"] == round(float(np.mean(per_seed)), 4)
+  assert set(result["step_time"]) == {"dense_full", "learned_residual_P0.25_masked", "learned_residual_P0.25_capacity",
+                                      "mod_P0.25"}
+  assert "| synthetic_P0.25 | MoD (top-k) | causal |" in (tmp_path / "learned_vs_random.md").read_text()
   assert (tmp_path / "learned_vs_random.png").stat().st_size > 0
 
 

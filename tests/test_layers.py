@@ -62,8 +62,9 @@ def test_splitrelu_and_fliprelu_follow_dong2023():
   y = jnp.array([[1.0, -1.0, -3.0, 3.0]])
   np.testing.assert_array_equal(get_activation("splitrelu")(y), [[1.0, 0.0, -3.0, 0.0]])
   flip = get_activation("fliprelu")
-  np.testing.assert_array_equal(flip(y, 0), [[1.0, 0.0, 0.0, 3.0]])
-  np.testing.assert_array_equal(flip(y, 1), [[0.0, -1.0, -3.0, 0.0]])
+  # SS numbers layers k = 1..K: the first layer (index 0, k = 1) is odd, −ReLU(−x).
+  np.testing.assert_array_equal(flip(y, 0), [[0.0, -1.0, -3.0, 0.0]])
+  np.testing.assert_array_equal(flip(y, 1), [[1.0, 0.0, 0.0, 3.0]])
   np.testing.assert_array_equal(flip(y, jnp.int32(3)), flip(y, 1))
 
 

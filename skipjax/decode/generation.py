@@ -31,6 +31,7 @@ import numpy as np
 
 from skipjax import models
 from skipjax.depth import plan as plan_lib
+from skipjax.models import executed as executed_lib
 from skipjax.models import layout
 
 Params = Any
@@ -44,7 +45,7 @@ class GenerationResult(NamedTuple):
     row b's `prompt_length + N` hold `pad_id`).
   generated: [B, N] int32, the generated tokens only.
   executed: [N, L, B] float32, per generated token and layer whether the layer executed in the
-    step that produced the token (layer gate; with per-block gates the mean of the block gates);
+    step that produced the token (the fraction of its residual blocks that ran, `executed_layers`);
     under a non-identity `config.plan` one row per plan position, [N, P, B]. With a
     `decode_plan`, token 0 has the rows of the prefill plan and tokens 1… those of the decode
     plan, zero-padded to the longer of the two ([N, max(P_prefill, P_decode), B]).
@@ -58,30 +59,23 @@ class GenerationResult(NamedTuple):
 
 
 def executed_layers(gates: Mapping[str, Any], num_layers: int, batch_size: int, plan=None) -> jnp.ndarray:
-  """[L, B] float32: whether each layer executed for the current token (one decoding step).
+  """[L, B] float32: how much of each layer executed for the current token (one decoding step).
 
-  LtS Alg. 2: with layer routing (`layer_mask`) 1 where the router activated the layer; with
-  per-block routing the mean of the sown block gates (attention/FFN), as in the training
-  metric `executed_depth`; a dense model executes every layer. Under a non-identity execution
-  `plan` one row per plan position (a branch the plan turns off counts as not executed).
+  LtS Alg. 2, counted as in training and evaluation (`models.executed`): a layer counts as the
+  fraction of its residual blocks that ran, an un-routed block counting as run — the layer gate
+  m with layer routing, (m_attn + m_ffn)/2 with block routing, (1 + m_ffn)/2 with FFN-only
+  routing, 1 for a dense layer. Under a non-identity execution `plan` one row per plan position
+  (a branch the plan turns off counts as not executed: a position running only attention is 1/2).
   """
-  names = set(layout.sown_names(gates))
-  if plan is not None and not plan_lib.is_identity(plan, num_layers):
-    if "layer_mask" in names:
-      return layout.per_layer(gates, "layer_mask", plan, 0.0).reshape(len(plan), batch_size).astype(jnp.float32)
-    rows = [layout.per_layer(gates, n, plan, 0.0).reshape(len(plan), batch_size).astype(jnp.float32)
-            for n in ("attn_mask", "ffn_mask") if n in names]
-    if rows:
-      return sum(rows) / len(rows)
-    runs = jnp.asarray([(e.attn + e.ffn) / 2 for e in plan], jnp.float32)  # [P]
-    return jnp.broadcast_to(runs[:, None], (len(plan), batch_size))
-  if "layer_mask" in names:
-    return models.per_layer(gates, "layer_mask").reshape(num_layers, batch_size).astype(jnp.float32)
-  blocks = [models.per_layer(gates, n).reshape(num_layers, batch_size).astype(jnp.float32)
-            for n in ("attn_mask", "ffn_mask") if n in names]
-  if not blocks:
-    return jnp.ones((num_layers, batch_size), jnp.float32)
-  return sum(blocks) / len(blocks)
+  identity = plan is None or plan_lib.is_identity(plan, num_layers)
+  plan = None if identity else plan
+  rows = num_layers if identity else len(plan)
+  fractions = executed_lib.layer_fractions(gates, plan)
+  if fractions is None:
+    runs = jnp.ones((rows,), jnp.float32) if identity else jnp.asarray([(e.attn + e.ffn) / 2 for e in plan],
+                                                                        jnp.float32)  # [P]
+    return jnp.broadcast_to(runs[:, None], (rows, batch_size))
+  return fractions.reshape(rows, batch_size)
 
 
 def plan_rows(cfg) -> int:

@@ -6,8 +6,10 @@ the option's token length, and the highest-scoring option is the prediction.
 
 Scoring is batched: every (context, option) sequence is right-padded to a shared length and the
 log-probabilities of the option tokens are gathered at their positions. The model is causal, so
-right padding does not change the logits of earlier positions. Routing is deterministic
-(argmax, as at decoding) since `apply` runs with `deterministic=True`.
+right padding does not change the logits of earlier positions, and the padding is passed as the
+attention mask, so routing never routes it and `capacity` dispatch counts only the real tokens
+(a sequence scores the same alone and in a padded batch). Routing is deterministic (argmax, as
+at decoding) since `apply` runs with `deterministic=True`.
 """
 import dataclasses
 import functools
@@ -71,9 +73,10 @@ def _bucket(n: int, cap: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
-def _weighted_logprob_sums(params, inputs, targets, weights, *, model: nn.Module) -> jnp.ndarray:
-  """Σ_t weights[b, t] · log softmax(logits[b, t])[targets[b, t]] per row."""
-  logits = model.apply({"params": params}, inputs, rngs={"gate": jax.random.key(0)})  # `random` router baseline
+def _weighted_logprob_sums(params, inputs, targets, weights, valid, *, model: nn.Module) -> jnp.ndarray:
+  """Σ_t weights[b, t] · log softmax(logits[b, t])[targets[b, t]] per row; valid [B, T]: real tokens."""
+  logits = model.apply({"params": params}, inputs, attention_mask=valid,
+                       rngs={"gate": jax.random.key(0)})  # `random` router baseline
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
   return jnp.sum(picked * weights, axis=-1)
@@ -104,11 +107,12 @@ def continuation_logprobs(model: nn.Module, params: Any, pairs: Sequence[Tuple[T
     inputs = np.zeros((batch_size, length), np.int32)
     targets = np.zeros((batch_size, length), np.int32)
     weights = np.zeros((batch_size, length), np.float32)
+    valid = np.zeros((batch_size, length), bool)
     for row, (seq, ctx_len) in enumerate(chunk):
       n = len(seq) - 1
-      inputs[row, :n], targets[row, :n] = seq[:-1], seq[1:]
+      inputs[row, :n], targets[row, :n], valid[row, :n] = seq[:-1], seq[1:], True
       weights[row, ctx_len - 1:n] = 1.0  # target seq[t + 1] is an option token for t ≥ ctx_len − 1
-    sums = _weighted_logprob_sums(params, inputs, targets, weights, model=model)
+    sums = _weighted_logprob_sums(params, inputs, targets, weights, valid, model=model)
     out[start:start + len(chunk)] = np.asarray(sums)[:len(chunk)]
   return out
 

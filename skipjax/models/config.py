@@ -22,6 +22,47 @@ class SkipConfig:
   aux_weight: float = 0.1         # lambda
   temperature: float = 1.0
   density_warmup_steps: int = 0   # dense-to-sparse: P_t anneals 1 -> P over these steps (0: LtS)
+  # Gate semantics (issue 15 P1/P3; README "SkipLayer"):
+  gate_form: str = "paper"        # layer granularity: paper (LtS Eq. 1/4) | residual (y = x + m·g₁·(F(x) − x))
+  router_bias_init: str = "warmup"  # warmup: bias at logit(0.99) with a density warm-up | target: logit(P)
+  router_input: str = "stream"    # stream: the router reads x | norm: the block's pre-norm LN(x)
+  # Mixture-of-Depths (router='mod'; skipjax/routing/mod.py; capacity C = ⌊target_density·T⌋; its top-k
+  # always gathers C tokens; `dispatch` only picks masked | grouped for a per-token mask, e.g. the causal rule):
+  mod_every: int = 1              # route every k-th layer (layer i iff i % k == k − 1), others dense; paper: 2
+  mod_causal: str = "aux_loss"    # decoding rule: aux_loss (BCE on r, route σ(r) > 0.5) | predictor (MLP, BCE)
+  mod_aux_weight: float = 0.1     # weight of that BCE (sown into aux_loss)
+  mod_eval: str = "causal"        # deterministic full forward: causal (= KV-cache decoding) | topk
+  # Routing groups (LtS §2.2, skipjax/routing/groups.py): tokens per group for the FFN's dispatch,
+  # a divisor of seq_len or a multiple (whole rows, never across data shards); 0: one batch row.
+  group_size: int = 0
+
+
+GATE_FORMS = ("paper", "residual")
+ROUTER_BIAS_INITS = ("warmup", "target")
+ROUTER_INPUTS = ("stream", "norm")
+# Router kinds whose parameters are trained through the block output (not `random` / `none`).
+GRADIENT_ROUTERS = ("gumbel", "top1", "sigmoid", "highway")
+
+
+def check_gate_semantics(norm: str, router: str, granularity: str, gate_form: str = "paper",
+                         router_bias_init: str = "warmup", router_input: str = "stream") -> None:
+  """One-line ValueError naming the field for gate options the block cannot honour (issue 15 P8).
+
+  A post-LN residual block selects between LN(x + R(x)) and x with the hard mask, so a router at
+  block / FFN granularity would get no gradient; at layer granularity the gate scales the whole
+  layer output F(x) (norms included) and trains with either norm placement.
+  """
+  for field, value, allowed in (("gate_form", gate_form, GATE_FORMS),
+                                ("router_bias_init", router_bias_init, ROUTER_BIAS_INITS),
+                                ("router_input", router_input, ROUTER_INPUTS)):
+    if value not in allowed:
+      raise ValueError(f"config.model.skip.{field}={value!r} is not one of {list(allowed)}")
+  if norm == "post" and router in GRADIENT_ROUTERS and granularity != "layer":
+    raise ValueError(f"config.model.skip.granularity={granularity!r} with router={router!r} needs "
+                     "config.model.norm='pre': a post-LN block gives its router no gradient (use granularity='layer')")
+  if norm == "post" and router_input == "norm" and router != "none":
+    raise ValueError("config.model.skip.router_input='norm' needs config.model.norm='pre' (a post-LN block has "
+                     "no pre-norm LN(x) to read)")
 
 
 LAYERDROP_SCHEDULES = ("constant", "linear", "exponential")
@@ -102,6 +143,77 @@ class LayerDropConfig:
     return tuple(self.rate * d for d in depth)
 
 
+def _ffn_error(field: str, message: str) -> ValueError:
+  return ValueError(f"config.model.ffn.{field}{message}")
+
+
+def _whole(field: str, value, low: int) -> int:
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+  if not ok or value != int(value) or value < low:
+    raise _ffn_error(field, f"={value!r} must be a whole number >= {low}")
+  return int(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class FFNConfig:
+  """Structured FF sparsity options (Dong et al. 2023, "SS"), read by `layers.make_ffn`.
+
+  The FFN's activation, width, gating and bias stay the flat model fields `activation`, `d_ff`,
+  `mlp_gated`, `mlp_bias` (converters and saved configs use them). This sub-config adds:
+  `expansion` F > 0: d_ff = F·d_model (overrides `d_ff`; SS uses F = 4, and F = 24 when tied);
+  `tied`: all FF1s share one kernel and all FF2s one kernel, biases per layer (SS §3.1);
+  `block_sparsity_weight` λ > 0: the block-sparsity regulariser of SS Eq. 3 over blocks of
+  `block_size` B contiguous FF neurons, the first `exempt` E neurons exempt (§3.2), sown as an
+  aux loss (`aux_loss/ffn_block_sparsity`).
+  """
+  expansion: int = 0              # F; 0: d_ff as given
+  tied: bool = False
+  block_sparsity_weight: float = 0.0  # λ
+  block_size: int = 64            # B
+  exempt: int = 0                 # E
+
+  def __post_init__(self):
+    object.__setattr__(self, "expansion", _whole("expansion", self.expansion, 0))
+    if not isinstance(self.tied, bool):
+      raise _ffn_error("tied", f"={self.tied!r} must be True or False")
+    lam = self.block_sparsity_weight
+    if not (isinstance(lam, (int, float)) and not isinstance(lam, bool) and math.isfinite(lam) and lam >= 0):
+      raise _ffn_error("block_sparsity_weight", f"={lam!r} must be a finite number >= 0")
+    object.__setattr__(self, "block_sparsity_weight", float(lam))
+    object.__setattr__(self, "block_size", _whole("block_size", self.block_size, 1))
+    object.__setattr__(self, "exempt", _whole("exempt", self.exempt, 0))
+
+  def hidden(self, d_model: int, d_ff: int) -> int:
+    """The FFN width F·D: expansion·d_model when expansion is set, else d_ff."""
+    return self.expansion * d_model if self.expansion else d_ff
+
+  def check(self, hidden: int, router: str = "none", dispatch: str = "masked", batch_layerdrop: bool = False) -> None:
+    """One-line ValueError naming the field for options the model cannot honour."""
+    if self.block_sparsity_weight <= 0:
+      return
+    if self.exempt >= hidden or (hidden - self.exempt) % self.block_size:
+      raise _ffn_error("block_size", f"={self.block_size} must tile the {hidden} FF neurons after the first "
+                       f"exempt={self.exempt} (d_ff - exempt divisible by block_size)")
+    if router != "none" and dispatch == "grouped":
+      raise _ffn_error("block_sparsity_weight", f"={self.block_sparsity_weight} needs skip.dispatch 'masked' or "
+                       "'capacity': 'grouped' runs the FFN inside lax.scan, where its aux loss cannot be sown")
+    if batch_layerdrop:
+      raise _ffn_error("block_sparsity_weight", f"={self.block_sparsity_weight} needs layerdrop.unit='example': "
+                       "'batch' skips positions under lax.cond, which cannot sow the aux loss")
+
+  @classmethod
+  def from_dict(cls, ffn: Optional[Mapping[str, Any]]) -> "FFNConfig":
+    """From the `config.model.ffn` ConfigDict / dict (None: defaults); unknown keys name the field."""
+    if isinstance(ffn, FFNConfig):
+      return ffn
+    ffn = dict(ffn.to_dict() if hasattr(ffn, "to_dict") else (ffn or {}))
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in ffn:
+      if key not in known:
+        raise ValueError(f"config.model.ffn.{key} is not an ffn field; known: {sorted(known)}")
+    return cls(**ffn)
+
+
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
   """Decoder-only LM built from the gated residual block (DESIGN.md)."""
@@ -140,6 +252,7 @@ class TransformerConfig:
   oracle_threshold: float = 0.0   # RR §4.4 applied oracle: skip R(x) where ‖R(x)‖/‖x‖ < this
   skip: SkipConfig = SkipConfig()
   layerdrop: LayerDropConfig = LayerDropConfig()
+  ffn: FFNConfig = FFNConfig()    # SS structured FF sparsity: expansion F, tied kernels, block regulariser
   # Execution plan (skipjax/depth/plan.py) in its string form, e.g. '0:3,5:8' or '0,1,2,2,3a';
   # '' is the identity plan. Given as a tuple of PlanEntry it is stored as its string form.
   plan: str = ""
@@ -153,12 +266,18 @@ class TransformerConfig:
       raise ValueError(f"config.model.plan={self.plan!r} needs scan_layers=False: position {partial[0]} runs "
                        "only some branches, which one scan body cannot serve (convert params with "
                        "skipjax.models.layout.to_loop)")
+    s = self.skip
+    check_gate_semantics(self.norm, s.router, s.granularity, s.gate_form, s.router_bias_init, s.router_input)
     if isinstance(self.layerdrop, Mapping):
       object.__setattr__(self, "layerdrop", LayerDropConfig(**self.layerdrop))
     rates = self.layerdrop.position_rates(len(plan))  # validates the length of explicit rates
     if self.layerdrop.unit == "batch" and any(rates) and (self.skip.router != "none" or self.oracle_threshold):
       raise ValueError("config.model.layerdrop.unit='batch' needs a dense block (skip.router='none', "
                        "oracle_threshold=0): a position skipped under lax.cond cannot sow its gates")
+    object.__setattr__(self, "ffn", FFNConfig.from_dict(self.ffn))
+    object.__setattr__(self, "d_ff", self.ffn.hidden(self.d_model, self.d_ff))  # F·D when ffn.expansion is set
+    self.ffn.check(self.d_ff, self.skip.router, self.skip.dispatch,
+                   self.layerdrop.unit == "batch" and any(rates))
 
   @property
   def execution_plan(self) -> plan_lib.Plan:
@@ -184,6 +303,8 @@ class TransformerConfig:
     cfg.pop("model_type", None)
     skip = dict(cfg.pop("skip", {}) or {})
     layerdrop = dict(cfg.pop("layerdrop", {}) or {})
+    if "ffn" in cfg:
+      cfg["ffn"] = FFNConfig.from_dict(cfg["ffn"])  # (absent in configs written before it: defaults)
     known = {f.name for f in dataclasses.fields(cls)}
     for key in cfg:
       if key not in known:

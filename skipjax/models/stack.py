@@ -12,6 +12,11 @@ for every position p (per sequence, or once per batch) from the 'layerdrop' rng,
 block with no branch on for post-LN with `post_ln_skip='ln'`, as Block._skipped). With
 `unit='batch'` a dropped position runs under `nn.cond` and costs nothing. The decisions are drawn
 up front, so the loop and the scanned layout take the same ones for the same rng.
+
+FF weights tied across layers (SS §3.1, `config.ffn.tied`) are one shared slot above the blocks:
+`tied_ffn_kernels` creates the `ffn_tied` kernels once (beside `block_*`, outside the per-layer
+layout) and every block, at every plan position, computes its FFN with them and its own biases,
+so their gradient is the sum over the positions that ran.
 """
 import dataclasses
 from typing import Any, Callable, Mapping, NamedTuple, Optional
@@ -21,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from skipjax.depth import plan as plan_lib
+from skipjax.layers import TiedKernels
 from skipjax.models import layout
 from skipjax.models.block import Block
 from skipjax.models.config import TransformerConfig
@@ -53,6 +59,29 @@ def check_overrides(overrides: Mapping[str, Any], cfg: TransformerConfig) -> Non
     if off:
       raise ValueError(f"gate_override {key}/{off[0]} matches no gate: the plan never runs that branch "
                        f"(config.model.plan={cfg.plan!r})")
+
+
+TIED_FFN = "ffn_tied"
+
+
+def tied_ffn_kernels(cfg: TransformerConfig) -> Optional[Mapping[str, jnp.ndarray]]:
+  """SS §3.1: the FF1 / FF2 (/ gate) kernels every block shares, or None when `ffn.tied` is off.
+
+  Call from the compact method that creates the blocks: the kernels live in its `ffn_tied`.
+  """
+  if not cfg.ffn.tied:
+    return None
+  return TiedKernels(cfg.d_model, cfg.d_ff, cfg.mlp_gated, name=TIED_FFN)()
+
+
+def ffn_params(params: Mapping[str, Any], slot: int) -> Mapping[str, Any]:
+  """The FFN params of block `slot` of a loop-layout tree in the untied MLP layout
+  ({'wi': {'kernel', 'bias'}, ...}): a tied model's shared kernels (`ffn_tied`) filled in."""
+  mlp = params[layout.block_name(slot)]["mlp"]
+  tied = params.get(TIED_FFN)
+  if tied is None:
+    return mlp
+  return {name: {**mlp.get(name, {}), "kernel": tied[name]["kernel"]} for name in tied}
 
 
 LAYERDROP_RNG = "layerdrop"
@@ -140,6 +169,7 @@ def walk(cfg: TransformerConfig, deterministic: bool, x, call: Callable, parent:
   must then be off).
   """
   block_cls = nn.remat(Block, static_argnums=(_BRANCHES_ARGNUM,)) if cfg.remat else Block
+  kernels = tied_ffn_kernels(cfg)
   blocks = {}
   plan = cfg.execution_plan
   keep = layerdrop_keep(parent, cfg, deterministic, x.shape[0], decode)  # [P, B] or None
@@ -148,7 +178,7 @@ def walk(cfg: TransformerConfig, deterministic: bool, x, call: Callable, parent:
                      "does not support: run deterministically or with layerdrop.at_inference=False")
   for p, (entry, repeat) in enumerate(zip(plan, plan_lib.occurrences(plan))):
     if entry.slot not in blocks:
-      blocks[entry.slot] = block_cls(cfg, deterministic, name=layout.block_name(entry.slot))
+      blocks[entry.slot] = block_cls(cfg, deterministic, ffn_kernels=kernels, name=layout.block_name(entry.slot))
     off = dataclasses.replace(entry, attn=False, ffn=False)
     run = lambda blk, h, entry=entry, repeat=repeat: call(blk, h, entry, repeat)
     skip = (lambda blk, h, off=off, repeat=repeat: call(blk, h, off, repeat)) if skip_runs_norms(cfg) else (

@@ -25,9 +25,10 @@ class _ScannedLayer(nn.Module):
   decode: bool
 
   @nn.compact
-  def __call__(self, x, layer_index, keep, positions, kv_valid, index, density):
-    """`keep` [B]: this layer's LayerDrop decisions (stack.layerdrop_keep), None when nothing drops."""
-    block = Block(self.config, self.deterministic, name="block")
+  def __call__(self, x, layer_index, keep, positions, kv_valid, index, density, ffn_kernels=None):
+    """`keep` [B]: this layer's LayerDrop decisions (stack.layerdrop_keep), None when nothing drops;
+    `ffn_kernels`: the FF kernels tied across layers (stack.tied_ffn_kernels), broadcast to every layer."""
+    block = Block(self.config, self.deterministic, ffn_kernels=ffn_kernels, name="block")
     if self.decode:
       return block.decode(x, index, layer_index), None
     run = lambda blk, h: blk(h, positions, kv_valid, layer_index, density)
@@ -94,13 +95,14 @@ class Transformer(nn.Module):
     scanned = nn.scan(
         layer, variable_axes={c: 0 for c in LAYER_COLLECTIONS},
         split_rngs={"params": True, "dropout": True, "gate": True},
-        in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast), length=len(slots),
+        in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast), length=len(slots),
         metadata_params={nn.PARTITION_NAME: "layers"})
     if not (identity or init):
       gather = lambda tree: jax.tree.map(lambda a: a[slots], tree)  # [L, ...] -> [P, ...]
       scanned = nn.map_variables(scanned, ("params", "gate_override"), trans_in_fn=gather)
     layers = scanned(cfg, deterministic, decode, name="layers")
-    x, _ = layers(x, jnp.asarray(slots), keep, positions, kv_valid, index, density)
+    kernels = stack.tied_ffn_kernels(cfg)  # one shared slot outside the scanned [L, ...] params (SS §3.1)
+    x, _ = layers(x, jnp.asarray(slots), keep, positions, kv_valid, index, density, kernels)
     return x
 
   @nn.compact

@@ -10,7 +10,11 @@ turns the logits into a `Gate`:
 
 so that a whole-layer SkipLayer computes (LtS Eq. 1 / Eq. 4 generalised)
 
-    y = m · scale_on · F(x) + (1 − m) · scale_off · x.
+    y = m · scale_on · F(x) + (1 − m) · scale_off · x            (gate_form 'paper')
+
+or, with `config.model.skip.gate_form='residual'`, y = x + m · scale_on · (F(x) − x) (the
+layer's residual scaled by g₁; `routing.gated_layer_output`). A residual block always uses
+y = x + m · scale_on · R(x) (`routing.gated_residual`).
 
 Gate kinds (`KINDS`):
 
@@ -28,9 +32,11 @@ Gate kinds (`KINDS`):
   `random`  the random-gating baseline: m ~ Bernoulli(target_density) per token, scales 1, no
             learning. It samples in deterministic mode too (the baseline *is* random).
   `none`    always on: m = 1, scales 1, probs 1 (a dense layer).
-  `highway` HighwayNet baseline (Srivastava et al. 2015; LtS §3): a soft transform gate
-            T = σ(logit1 − logit0), m = 1 (nothing is skipped), scale_on = T, scale_off = 1 − T,
-            i.e. y = T·F(x) + (1 − T)·x; on a residual block, y = x + T·R(x).
+  `highway` HighwayNet baseline (Srivastava et al. 2015; LtS §3): a soft transform
+            gate T = σ(logit1 − logit0), m = 1 (nothing is skipped), scale_on = T,
+            scale_off = 1 − T, combined by `routing.gated_highway` as the highway form
+            y = T·H(x) + (1 − T)·x, where the transform H is the branch output R(x) on a
+            residual block (attention / FFN) and the layer's output F(x) at layer granularity.
 
 `probs` is the probability that the token is routed, P(m = 1): softmax(logits)[1] for `gumbel`
 (the Gumbel-max sample is 1 with exactly this probability, independent of the temperature),
@@ -181,7 +187,8 @@ def gate_from_logits(logits: Array, kind: str = "gumbel", *, rng: Optional[PRNGK
 
 
 def highway_gate(logits: Array) -> Gate:
-  """Srivastava et al. 2015: y = T·F(x) + (1 − T)·x with T = σ(l1 − l0); every token computes F."""
+  """Srivastava et al. 2015: T = σ(l1 − l0) for y = T·H(x) + (1 − T)·x (`gated_highway`);
+  every token computes H (R(x) on a residual block, F(x) for a whole layer)."""
   t = jax.nn.sigmoid(logits[..., 1] - logits[..., 0])
   return Gate(mask=jnp.ones_like(t), scale_on=t, scale_off=1.0 - t, probs=t)
 
@@ -220,7 +227,7 @@ class Router(nn.Module):
     threshold: `sigmoid` routing threshold.
     target_density: P; used by `random` and by the bias init.
     init_density: the density the bias init routes, when it differs from P (the start of a
-      density warm-up, `scheduled_density`).
+      density warm-up, `scheduled_density`, with `skip.router_bias_init='warmup'`).
     dtype: dtype of the logits matmul (the gate math itself always runs in float32).
     use_bias: learn a bias initialised to [0, logit(P)] (see `density_bias_init`).
     kernel_init: init of W_G (small, so routing starts input-independent).

@@ -78,19 +78,28 @@ def _stopped_message(error: NonFinite, ckpt: checkpoint_lib.Checkpointer) -> str
           f"check config.train.learning_rate, weight_decay and grad_clip)")
 
 
-def evaluate(eval_fn, params, eval_ds, num_batches: int, batch_sharding) -> Dict[str, float]:
-  """Held-out perplexity (and per-difficulty-class loss when the data has classes)."""
+# Stream id folded into the run's seed key to derive the eval gate key (step.eval_rng folds in the batch).
+EVAL_STREAM = 0x4556
+
+
+def evaluate(eval_fn, params, eval_ds, num_batches: int, batch_sharding,
+             rng: Optional[jax.Array] = None) -> Dict[str, float]:
+  """Held-out perplexity (and per-difficulty-class loss when the data has classes) and, when the
+  model routes, `eval_executed_depth`: mean layers executed per token (`step.executed_depth`;
+  `eval_depth` is the same number under its older name). `eval_fn(params, batch, rng, i)` is
+  `step.eval_step`: batch i draws its gates from `step.eval_rng(rng, i)` (default rng: key 0)."""
   totals: Dict[str, np.ndarray] = {}
+  rng = jax.random.key(0) if rng is None else rng
   n = min(num_batches, eval_ds.num_batches) if eval_ds.num_batches else num_batches
   for i in range(n):
     batch = {k: v for k, v in eval_ds.batch(i).items() if k in ("inputs", "targets", "difficulty")}
-    out = jax.device_get(eval_fn(params, device_batch(batch, batch_sharding), jax.random.key(i)))
+    out = jax.device_get(eval_fn(params, device_batch(batch, batch_sharding), rng, jnp.asarray(i, jnp.int32)))
     for k, v in out.items():
       totals[k] = totals.get(k, 0.0) + np.asarray(v, np.float64)
   loss = float(totals["nll_sum"] / totals["count"])
   result = {"eval_loss": loss, "eval_perplexity": float(np.exp(min(loss, 50.0)))}
   if "depth_sum" in totals:
-    result["eval_depth"] = float(totals["depth_sum"] / totals["count"])
+    result["eval_executed_depth"] = result["eval_depth"] = float(totals["depth_sum"] / totals["count"])
   for p, exit_sum in enumerate(totals.get("exit_nll_sum", ())):  # config.train.early_exit: every exit
     result[f"eval_exit_loss_{p}"] = float(exit_sum / totals["count"])
   if "class_nll_sum" in totals:
@@ -123,7 +132,8 @@ def flops_per_token(config: ml_collections.ConfigDict, record: Dict[str, float])
   plan = plan_lib.parse(m.get("plan", ""), m.num_layers)
   attn, ffn = plan_lib.branch_flags(plan)
   return float(routing.flops_per_token(
-      np.asarray(_position_densities(record, plan)), d_model=m.d_model, d_ff=m.d_ff, seq_len=config.data.seq_len,
+      np.asarray(_position_densities(record, plan)), d_model=m.d_model,
+      d_ff=models.config.FFNConfig.from_dict(m.get("ffn", None)).hidden(m.d_model, m.d_ff), seq_len=config.data.seq_len,
       num_heads=m.num_heads, head_dim=m.head_dim or None, ffn_matrices=3 if m.get("mlp_gated", False) else 2,
       causal=True, router=m.skip.router != "none", vocab_size=m.vocab_size, attn=attn, ffn=ffn))
 
@@ -236,7 +246,9 @@ def _loop(config, model, tx, schedule, state, state_shardings, mesh, train_rng, 
                     out_shardings=(state_shardings, replicated), donate_argnums=(0,))
   p_eval = jax.jit(functools.partial(step_lib.eval_step, model=model, num_classes=len(data_lib.DIFFICULTY_CLASSES),
                                      early_exit=early_exit.enabled),
-                   in_shardings=(state_shardings.params, batch_sharding, replicated), out_shardings=replicated)
+                   in_shardings=(state_shardings.params, batch_sharding, replicated, replicated),
+                   out_shardings=replicated)
+  eval_rng = jax.random.fold_in(jax.random.key(config.seed), EVAL_STREAM)
 
   cfg = config.train
   tokens_per_step = config.data.batch_size * config.data.seq_len
@@ -272,7 +284,7 @@ def _loop(config, model, tx, schedule, state, state_shardings, mesh, train_rng, 
     if do_save:
       _check_params(step, state.params)
     if do_eval:
-      record.update(evaluate(p_eval, state.params, eval_ds, cfg.eval_batches, batch_sharding))
+      record.update(evaluate(p_eval, state.params, eval_ds, cfg.eval_batches, batch_sharding, eval_rng))
     if do_log or do_eval:
       last = record
       if is_main:

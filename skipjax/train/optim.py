@@ -1,4 +1,5 @@
 """Optimizers and learning-rate schedules."""
+import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
@@ -32,6 +33,22 @@ def adafactor(schedule: optax.Schedule, decay: float) -> optax.GradientTransform
       optax.scale(-1.0))
 
 
+def is_router_path(path) -> bool:
+  """Whether a parameter's key path belongs to a router ('router' in its '/'-joined path)."""
+  return "router" in jax.tree_util.keystr(path)
+
+
+def scale_router_updates(multiplier: float) -> optax.GradientTransformation:
+  """Multiply the updates of router parameters (`is_router_path`) by `multiplier`, i.e. a router
+  learning rate of multiplier × lr (weight decay included, as optax scales it by lr); stateless."""
+  def update(updates, state, params=None):
+    del params
+    scaled = jax.tree_util.tree_map_with_path(
+        lambda path, u: u * jnp.asarray(multiplier, u.dtype) if is_router_path(path) else u, updates)
+    return scaled, state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(cfg: ml_collections.ConfigDict):
   """`config.train` → (GradientTransformation, schedule)."""
   if cfg.optimizer == "adamw":
@@ -44,6 +61,9 @@ def make_optimizer(cfg: ml_collections.ConfigDict):
     raise ValueError(f"config.train.optimizer={cfg.optimizer!r} is not one of adamw, adafactor")
   if cfg.grad_clip:
     tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx)
+  router_lr = cfg.get("router_lr_multiplier", 1.0)
+  if router_lr != 1.0:  # (1.0 keeps the optimizer state tree of earlier runs)
+    tx = optax.chain(tx, scale_router_updates(router_lr))
   trainable = cfg.get("trainable", "")
   if trainable:
     # Frozen parameters get zero updates (and no optimizer state); clipping sees trainable grads only.

@@ -8,6 +8,7 @@ import optax
 
 from skipjax import models, routing
 from skipjax.depth import exits
+from skipjax.models import executed as executed_lib
 from skipjax.models.stack import sown_keep
 from skipjax.train.state import LAYERDROP_STREAM, TrainState
 
@@ -32,25 +33,28 @@ def _plan(model: nn.Module):
 
 
 def routing_metrics(gates: Dict[str, Any], plan=None) -> Dict[str, jnp.ndarray]:
-  """Per-layer routed fraction r_i and dropped fraction, and Eff-L = Σ_i r_i (LtS Table 1);
-  under an execution `plan` one row per position that ran the gate."""
+  """Per-layer routed fraction r_i and dropped fraction, and Eff-L (LtS Table 1): the mean over
+  tokens of `executed_depth` (Σ_i r_i for whole-layer routing); under an execution `plan` one row
+  per position that ran the gate."""
   out = {}
   for name in models.layout.sown_names(gates):
     if name.endswith(("_density", "_dropped_fraction")):
       out[name] = models.per_layer(gates, name, plan)
-  density = out.get("layer_density", out.get("ffn_density"))
-  if density is not None:
-    out["effective_depth"] = jnp.sum(density)
+  depth = executed_depth(gates, plan)
+  if depth is not None:
+    out["effective_depth"] = jnp.mean(depth)
+  # Mixture-of-Depths: agreement of the causal rule with top-k membership, mean over routed layers.
+  accuracy = [jnp.mean(v) for path, v in jax.tree_util.tree_leaves_with_path(gates)
+              if "mod_causal_accuracy" in jax.tree_util.keystr(path)]
+  if accuracy:
+    out["mod_causal_accuracy"] = jnp.mean(jnp.stack(accuracy))
   return out
 
 
 def executed_depth(gates: Dict[str, Any], plan=None) -> Optional[jnp.ndarray]:
-  """Layers each token executed, [B, T]: Σ_l m_l (per-block gates count half a layer each)."""
-  names = models.layout.sown_names(gates)
-  if "layer_mask" in names:
-    return jnp.sum(models.per_layer(gates, "layer_mask", plan), axis=0)
-  block_masks = [jnp.sum(models.per_layer(gates, n, plan), axis=0) for n in ("attn_mask", "ffn_mask") if n in names]
-  return sum(block_masks) / 2 if block_masks else None
+  """Layers each token executed, [B, T] (`models.executed`: a layer counts as the fraction of its
+  residual blocks that ran, an un-routed block counting as run); None for a dense model."""
+  return executed_lib.executed_depth(gates, plan)
 
 
 def step_rngs(rng: jax.Array, step: jnp.ndarray) -> Dict[str, jax.Array]:
@@ -113,14 +117,22 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, model: nn.Mod
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params: Any, batch: Batch, rng: Optional[jax.Array] = None, *, model: nn.Module,
+def eval_rng(rng: Optional[jax.Array], batch_index) -> jax.Array:
+  """The key of eval batch `batch_index`: `rng` (default key 0) with the index folded in, so every
+  batch draws its own gates (random router, sampled gates) and a re-run draws the same."""
+  return jax.random.fold_in(jax.random.key(0) if rng is None else rng, batch_index)
+
+
+def eval_step(params: Any, batch: Batch, rng: Optional[jax.Array] = None, batch_index=0, *, model: nn.Module,
               num_classes: int = 0, deterministic: bool = True, early_exit: bool = False) -> Dict[str, jnp.ndarray]:
   """Summed NLL and token counts (overall and per difficulty class when the batch has one),
   and with routing the executed depth per token. Routing is deterministic (argmax) unless
   `deterministic=False` (gates sampled as in training, from `rng`; also enables dropout); the
   `random` baseline always draws Bernoulli(P) gates from `rng`. `early_exit`: also the summed
-  NLL of every plan position's exit, `exit_nll_sum` [P] (the same forward; the last is `nll_sum`)."""
-  rng = jax.random.key(0) if rng is None else rng
+  NLL of every plan position's exit, `exit_nll_sum` [P] (the same forward; the last is `nll_sum`).
+  The gate / dropout keys come from `eval_rng(rng, batch_index)` (`batch_index` may be traced).
+  `depth_sum`: Σ over tokens of `executed_depth`, whenever some block sowed a gate."""
+  rng = eval_rng(rng, batch_index)
   gate_rng, dropout_rng = jax.random.split(rng)
   rngs = {"gate": gate_rng, "dropout": dropout_rng, "layerdrop": jax.random.fold_in(rng, LAYERDROP_STREAM)}
   exit_nll_sum = None

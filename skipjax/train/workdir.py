@@ -32,6 +32,10 @@ ADDED_FIELDS = {
     "model.layerdrop.unit": "example", "model.layerdrop.at_inference": False,
     "train.early_exit.enabled": False, "train.early_exit.weights": "layerskip", "train.early_exit.e_scale": 1.0,
     "train.early_exit.curriculum": "none", "train.early_exit.rotation": 2, "train.early_exit.every": 1,
+    "model.skip.gate_form": "paper", "model.skip.router_bias_init": "warmup", "model.skip.router_input": "stream",
+    "train.router_lr_multiplier": 1.0,
+    "model.ffn.expansion": 0, "model.ffn.tied": False, "model.ffn.block_sparsity_weight": 0.0,
+    "model.ffn.block_size": 64, "model.ffn.exempt": 0,
 }
 
 

@@ -169,17 +169,38 @@ def mod_table(p, tokens, iters, rounds=5):
             f"{np.median(t) * 1e3:.1f} ms ({np.median(t / dense):.2f}×) |")
 
 
+def lts_groups_table():
+  """The routing groups of the `configs/skiplayer.py:lts_L*_P*` presets (issue 15 P2): groups per
+  batch, tokens and gsize chunks per group, and the expected compute fraction at P
+  (`routing.effective_groups`), beside the one-row groups the presets used before."""
+  from configs import skiplayer  # the configs package sits beside benchmarks/
+  print("\n## routing groups of the lts presets (expected compute fraction, grouped dispatch)")
+  print("| preset | groups/batch | tokens/group | gsize | chunks/group | FFN fraction | attention fraction |"
+        " one-row groups (before) |\n|---|---|---|---|---|---|---|---|")
+  for density in skiplayer.LTS_DENSITIES[1:]:
+    c = skiplayer.get_config(f"lts_L24_P{density:g}")
+    d, s = c.data, c.model.skip
+    g = routing.effective_groups(d.batch_size, d.seq_len, group_size=s.group_size, gsize=s.gsize,
+                                 target_density=density, method=s.dispatch)
+    old = routing.effective_groups(d.batch_size, d.seq_len, group_size=0, gsize=s.gsize, target_density=density,
+                                   method=s.dispatch)
+    print(f"| lts_L24_P{density:g} | {g.groups_per_batch} | {g.tokens_per_group} | {g.gsize} | {g.chunks_per_group} "
+          f"| {g.compute_fraction:.3f} | {g.row_compute_fraction:.3f} | {old.compute_fraction:.3f} |")
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
   parser.add_argument("--iters", type=int, default=5)
   parser.add_argument("--decode_steps", type=int, default=128)
-  parser.add_argument("--parts", default="train,decode,mod", help="comma list of: train, decode, mod")
+  parser.add_argument("--parts", default="groups,train,decode,mod", help="comma list of: groups, train, decode, mod")
   args = parser.parse_args()
   p = PRESETS[args.preset]
   print(f"device={jax.devices()[0].device_kind} preset={args.preset} {p}")
   tokens = jax.random.randint(jax.random.key(0), (p["batch"], p["seq"]), 0, 1024)
 
+  if "groups" in args.parts:
+    lts_groups_table()
   if "train" in args.parts:
     train_table(p, tokens, args.iters)
   if "decode" in args.parts:

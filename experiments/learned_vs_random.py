@@ -174,7 +174,8 @@ def summarize(runs: dict) -> dict:
 
 
 def table(summary: dict, times: dict) -> str:
-  lines = ["| data, P | method | eval | eval loss (nats/token) | executed layers/token | step time vs dense, all L layers (masked / capacity) |",
+  lines = ["| data, P | method | eval | eval loss (nats/token) | executed layers/token "
+           "| step time vs dense, all L layers (masked / capacity) |",
            "|---|---|---|---|---|---|"]
   for cell, by_method in summary.items():
     density = cell.split("_P")[1]

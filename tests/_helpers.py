@@ -1,6 +1,7 @@
 """Helpers shared by several test files (tests/ is on sys.path under pytest's default import mode)."""
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def perturb_routers(params):
@@ -24,3 +25,13 @@ def decode_step_by_step(model, params, cache, tokens):
     cache = state["cache"]
     outs.append(logits)
   return jnp.concatenate(outs, axis=1)
+
+
+def builtin_text(seed: int, lines: int) -> str:
+  """Lines of simple English sentences (a tiny offline corpus for the experiment smoke tests)."""
+  rng = np.random.default_rng(seed)
+  subjects = ["The river", "A small town", "The old canal", "The railway", "Local farmers", "The society"]
+  verbs = ["carried", "crossed", "reopened", "restored", "sold", "built", "followed"]
+  objects = ["the valley", "coal and grain", "the locks", "the towpath", "the mill", "the church on the hill"]
+  return "\n".join(" ".join(f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)} in {1800 + i}."
+                            for i in rng.integers(0, 200, 4)) for _ in range(lines)) + "\n"

@@ -4,15 +4,7 @@ import json
 import math
 
 import numpy as np
-
-
-def _text(seed: int, lines: int) -> str:
-  rng = np.random.default_rng(seed)
-  subjects = ["The river", "A small town", "The old canal", "The railway", "Local farmers", "The society"]
-  verbs = ["carried", "crossed", "reopened", "restored", "sold", "built", "followed"]
-  objects = ["the valley", "coal and grain", "the locks", "the towpath", "the mill", "the church on the hill"]
-  return "\n".join(" ".join(f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)} in {1800 + i}."
-                            for i in rng.integers(0, 200, 4)) for _ in range(lines)) + "\n"
+from _helpers import builtin_text
 
 
 def _rms(x, scale, eps):
@@ -36,8 +28,8 @@ def test_router_tuning_tiny(tmp_path):
 
   data = tmp_path / "data"
   data.mkdir()
-  (data / "valid.txt").write_text(_text(0, 120))
-  (data / "test.txt").write_text(_text(1, 40))
+  (data / "valid.txt").write_text(builtin_text(0, 120))
+  (data / "test.txt").write_text(builtin_text(1, 40))
   work = tmp_path / "work"
   router_tuning.main(["--model=tiny", "--tiny_layers=2", f"--workdir={work}", f"--data_dir={data}", "--measures=bi,sleb",
                       "--fractions=0,0.5", "--sleb_steps=1", "--densities=0.75", "--steps=4", "--batch=8",

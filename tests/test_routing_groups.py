@@ -240,3 +240,15 @@ def test_grouped_apply_sows_activations_of_chunk_zero(applied):
   for g in range(2):
     first = np.flatnonzero(mask[g])[:4]  # the first gsize routed tokens of the group
     np.testing.assert_allclose(hidden[g], ref_hidden[g, first], atol=1e-5)
+
+
+def test_routing_benchmark_reports_the_lts_preset_groups(capsys):
+  """`python -m benchmarks.routing --parts groups`: one row per LtS density, from the presets themselves."""
+  from benchmarks import routing as routing_bench
+  routing_bench.lts_groups_table()
+  out = capsys.readouterr().out
+  c = skiplayer.get_config("lts_L24_P0.125")
+  g = routing.effective_groups(c.data.batch_size, c.data.seq_len, group_size=c.model.skip.group_size,
+                               gsize=c.model.skip.gsize, target_density=0.125, method=c.model.skip.dispatch)
+  assert f"| lts_L24_P0.125 | {g.groups_per_batch} | {g.tokens_per_group} | {g.gsize} |" in out
+  assert g.compute_fraction < 0.2 and out.count("| 1.000 |") == 3  # one-row groups ran every chunk

@@ -90,3 +90,12 @@ def test_static_pruning_smoke(tmp_path):
   assert np.isfinite(heal["after_nll"]) and heal["after_nll"] != heal["before_nll"] and len(heal["train_loss"]) == 2
   full = next(r for r in res["painters"] if r["name"] == "full")
   assert full["nll"] == res["base"]["test_nll"] and len(res["painters"]) >= 5
+
+
+def test_gate_form_toy_prints_the_residual_form_with_the_relaxation_sign(capsys):
+  """experiments/gate_form_toy.py (README's P1 table): the residual form's routed gradients all have the
+  relaxation's sign; the paper form's do not."""
+  from experiments import gate_form_toy
+  gate_form_toy.main()
+  out = capsys.readouterr().out
+  assert "residual: right sign routed 1.000" in out and "paper: right sign routed 1.000" not in out

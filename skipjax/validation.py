@@ -7,7 +7,7 @@ import numpy as np
 from skipjax.depth import exits as exits_lib, plan as plan_lib
 from skipjax.layers.mlp import ACTIVATIONS
 from skipjax.models.config import DTYPES, FFNConfig, LayerDropConfig
-from skipjax.models.config import check_gate_semantics
+from skipjax.models.config import check_gate_semantics, check_mod
 from skipjax.routing.groups import check_group_size
 from skipjax.train.sharding import mesh_shape
 
@@ -91,22 +91,11 @@ def validate_model(m) -> None:
 
 
 def validate_mod(m) -> None:
-  """Mixture-of-Depths fields (`skip.mod_*`, skipjax/routing/mod.py)."""
+  """Mixture-of-Depths fields (`skip.mod_*`, skipjax/routing/mod.py): the model config's own check."""
   s = m.skip
-  every = s.get("mod_every", 1)
-  _require(isinstance(every, int) and every >= 1, f"config.model.skip.mod_every={every!r} must be an integer >= 1")
-  _one_of("model.skip.mod_causal", s.get("mod_causal", "aux_loss"), ("aux_loss", "predictor"))
-  _one_of("model.skip.mod_eval", s.get("mod_eval", "causal"), ("causal", "topk"))
-  _in_range("model.skip.mod_aux_weight", s.get("mod_aux_weight", 0.1), 0.0, math.inf)
-  if s.router != "mod":
-    return
-  _require(s.granularity == "layer", f"config.model.skip.router='mod' routes whole layers: "
-           f"config.model.skip.granularity={s.granularity!r} must be 'layer'")
-  _require(m.norm == "pre", f"config.model.skip.router='mod' needs config.model.norm='pre', got {m.norm!r}")
-  _require(not s.get("density_warmup_steps", 0), "config.model.skip.density_warmup_steps > 0 does not apply to "
-           "router='mod': its top-k capacity ⌊P·T⌋ is static")
-  _require(every == 1 or not (m.get("scan_layers", False) or m.get("remat", False)),
-           f"config.model.skip.mod_every={every} needs scan_layers=False and remat=False (a static layer index)")
+  check_mod(m.norm, s.router, s.granularity, s.get("mod_every", 1), s.get("mod_causal", "aux_loss"),
+            s.get("mod_eval", "causal"), s.get("mod_aux_weight", 0.1), s.get("density_warmup_steps", 0),
+            m.get("scan_layers", False), m.get("remat", False))
 
 
 def validate_data(d, model) -> None:

@@ -329,6 +329,26 @@ def test_regulariser_composes_with_the_capacity_loss(group_size):
   np.testing.assert_allclose(float(aux), capacity + reg, rtol=1e-6)
 
 
+@pytest.mark.parametrize("mod_eval", ["causal", "topk"])
+def test_regulariser_under_mod_counts_the_tokens_each_layer_runs(mod_eval):
+  """Mixture-of-Depths: λ·Eq. 3 over the tokens each routed layer runs — the causal rule's per-token
+  mask (masked dispatch: the FFN sees every token) or the top-k tokens (gathered: the FFN sees only them)."""
+  lam = 5e-3
+  cfg = _cfg({"block_sparsity_weight": lam, "block_size": 8}, skip=models.SkipConfig(
+      router="mod", target_density=0.5, dispatch="masked", mod_eval=mod_eval))
+  params = _helpers.perturb_routers(_init(cfg)[1])
+  (_, state), _ = _aux_and_grads(cfg, grads=False)(params)
+  masks = np.asarray(layout.per_layer(state["gates"], "layer_mask")) > 0  # [K, B, S]
+  acts = _sown(state["activations"], "ffn_hidden")                          # [K, B, S or C, F·D]
+  if mod_eval == "causal":
+    assert 0 < masks.mean() < 1 and acts.shape[2] == BASE["max_len"]
+  else:  # the gathered C = ⌊P·T⌋ tokens, every one of them runs
+    assert acts.shape[2] == BASE["max_len"] // 2 and masks.mean() == 0.5
+    masks = None
+  reg = float(np.sum(_sown(state["aux_loss"], "ffn_block_sparsity")))
+  np.testing.assert_allclose(reg, lam * _eq3(acts, 8, 0, masks), rtol=1e-5)
+
+
 def test_mlp_sows_the_regulariser_only_when_on_and_keeps_its_tree():
   x = jnp.zeros((2, 3, 8))
   for lam in (0.0, 1e-3):

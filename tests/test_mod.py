@@ -255,9 +255,13 @@ def test_config_errors_name_the_field():
   bad.model.skip.update(router="mod", mod_every=2)
   with pytest.raises(ValueError, match="mod_every=2 needs scan_layers=False"):
     validation.validate_model(bad.model)
-  model = models.build(dataclasses.replace(_cfg(mod_every=2), scan_layers=True))
-  with pytest.raises(ValueError, match="mod_every=2 needs a static layer index"):
-    jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16), jnp.int32))
+  # The model config itself refuses them (users who build a TransformerConfig without the trainer).
+  with pytest.raises(ValueError, match="mod_every=2 needs scan_layers=False"):
+    dataclasses.replace(_cfg(mod_every=2), scan_layers=True)
+  with pytest.raises(ValueError, match="needs config.model.norm='pre'"):
+    dataclasses.replace(_cfg(), norm="post")
+  with pytest.raises(ValueError, match="config.model.skip.mod_causal='oracle'"):
+    dataclasses.replace(_cfg(), skip=dataclasses.replace(_cfg().skip, mod_causal="oracle"))
 
 
 def test_scan_layers_equal_loop_layers_topk_eval():

@@ -34,7 +34,6 @@ gates/{layer,attn,ffn}_{mask,density,dropped_fraction}, aux_loss/{...}_capacity_
 from typing import Callable, Mapping, Optional, Tuple
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from skipjax import routing
@@ -78,13 +77,6 @@ class Block(nn.Module):
     self.dropout = nn.Dropout(cfg.dropout_rate)
     s = cfg.skip
     if s.router == "mod":  # Mixture-of-Depths: its own scalar router (and predictor), `_mod_layer`
-      if cfg.norm != "pre":
-        raise ValueError(f"config.model.skip.router='mod' needs config.model.norm='pre', got {cfg.norm!r}")
-      for field, value, known in (("mod_causal", s.mod_causal, routing.mod.CAUSAL_RULES),
-                                  ("mod_eval", s.mod_eval, routing.mod.EVAL_RULES),
-                                  ("granularity", s.granularity, ("layer",))):
-        if value not in known:
-          raise ValueError(f"config.model.skip.{field}={value!r} is not one of {list(known)} (router='mod')")
       self.mod_router = routing.MoDRouter(dtype=dtype, name="mod_router")
       if s.mod_causal == "predictor":
         self.mod_predictor = routing.MoDPredictor(dtype=dtype, name="mod_predictor")
@@ -336,12 +328,8 @@ class Block(nn.Module):
   def _mod_routed(self, layer_index) -> bool:
     """Whether this layer routes: every k-th (`skip.mod_every`, layer i iff i % k == k − 1); others are dense."""
     k = self.config.skip.mod_every
-    if k == 1:
-      return True
-    if isinstance(layer_index, jax.core.Tracer):
-      raise ValueError(f"config.model.skip.mod_every={k} needs a static layer index: set "
-                       "config.model.scan_layers=False and remat=False (or mod_every=1)")
-    return int(layer_index) % k == k - 1
+    # (k > 1 has a static layer index: TransformerConfig refuses it with scan_layers / remat)
+    return k == 1 or int(layer_index) % k == k - 1
 
   def _mod_scores(self, x: jnp.ndarray):
     """(router weight r [B,T], causal-rule logits [B,T]): the logits are r itself (`mod_causal='aux_loss'`)
@@ -356,7 +344,7 @@ class Block(nn.Module):
 
     def residual(x_sel, idx, valid):
       a = attention(x_sel, idx, valid) if attention is not None else jnp.zeros_like(x_sel)
-      return a + self._ffn(x_sel + a, layer_index) if branches[1] else a
+      return a + self._ffn(x_sel + a, layer_index, valid, x.shape[0]) if branches[1] else a
     return residual
 
   def _mod_layer(self, x, positions, kv_valid, layer_index, branches):

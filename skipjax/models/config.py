@@ -6,6 +6,7 @@ from typing import Any, Mapping, Optional, Tuple
 import jax.numpy as jnp
 
 from skipjax.depth import plan as plan_lib
+from skipjax.routing import mod as mod_lib
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -63,6 +64,31 @@ def check_gate_semantics(norm: str, router: str, granularity: str, gate_form: st
   if norm == "post" and router_input == "norm" and router != "none":
     raise ValueError("config.model.skip.router_input='norm' needs config.model.norm='pre' (a post-LN block has "
                      "no pre-norm LN(x) to read)")
+
+
+def check_mod(norm: str, router: str, granularity: str, mod_every, mod_causal: str, mod_eval: str,
+              mod_aux_weight, density_warmup_steps: int = 0, scan_layers: bool = False, remat: bool = False) -> None:
+  """One-line ValueError naming the `config.model.skip.mod_*` field the Mixture-of-Depths block cannot honour."""
+  if not (isinstance(mod_every, int) and not isinstance(mod_every, bool) and mod_every >= 1):
+    raise ValueError(f"config.model.skip.mod_every={mod_every!r} must be an integer >= 1")
+  for field, value, allowed in (("mod_causal", mod_causal, mod_lib.CAUSAL_RULES), ("mod_eval", mod_eval, mod_lib.EVAL_RULES)):
+    if value not in allowed:
+      raise ValueError(f"config.model.skip.{field}={value!r} is not one of {list(allowed)}")
+  if not (isinstance(mod_aux_weight, (int, float)) and math.isfinite(mod_aux_weight) and mod_aux_weight >= 0):
+    raise ValueError(f"config.model.skip.mod_aux_weight={mod_aux_weight!r} must be a finite number >= 0")
+  if router != "mod":
+    return
+  if granularity != "layer":
+    raise ValueError(f"config.model.skip.router='mod' routes whole layers: config.model.skip.granularity="
+                     f"{granularity!r} must be 'layer'")
+  if norm != "pre":
+    raise ValueError(f"config.model.skip.router='mod' needs config.model.norm='pre', got {norm!r}")
+  if density_warmup_steps:
+    raise ValueError("config.model.skip.density_warmup_steps > 0 does not apply to router='mod': its top-k "
+                     "capacity ⌊P·T⌋ is static")
+  if mod_every != 1 and (scan_layers or remat):
+    raise ValueError(f"config.model.skip.mod_every={mod_every} needs scan_layers=False and remat=False "
+                     "(a static layer index)")
 
 
 LAYERDROP_SCHEDULES = ("constant", "linear", "exponential")
@@ -268,6 +294,8 @@ class TransformerConfig:
                        "skipjax.models.layout.to_loop)")
     s = self.skip
     check_gate_semantics(self.norm, s.router, s.granularity, s.gate_form, s.router_bias_init, s.router_input)
+    check_mod(self.norm, s.router, s.granularity, s.mod_every, s.mod_causal, s.mod_eval, s.mod_aux_weight,
+              s.density_warmup_steps, self.scan_layers, self.remat)
     if isinstance(self.layerdrop, Mapping):
       object.__setattr__(self, "layerdrop", LayerDropConfig(**self.layerdrop))
     rates = self.layerdrop.position_rates(len(plan))  # validates the length of explicit rates

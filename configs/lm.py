@@ -24,8 +24,9 @@ def model_config() -> ml_collections.ConfigDict:
           router="none", dispatch="masked", target_density=1.0, granularity="layer",
           gsize=64, group_size=0, capacity_factor=1.25, aux_weight=0.1, temperature=1.0, density_warmup_steps=0,
           # Mixture-of-Depths (router='mod', README "Mixture-of-Depths"): route every k-th layer,
-          # causal rule aux_loss | predictor and its BCE weight, deterministic eval causal | topk.
-          mod_every=1, mod_causal="aux_loss", mod_aux_weight=0.1, mod_eval="causal",
+          # causal rule aux_loss | predictor and its BCE weight, deterministic eval causal | topk,
+          # the factor of the routed output: linear r (MoD Eq. 1) | sigmoid σ(r) (ours).
+          mod_every=1, mod_causal="aux_loss", mod_aux_weight=0.1, mod_eval="causal", mod_weight="linear",
           # Gate semantics (README "SkipLayer"): gate_form paper | residual (layer granularity),
           # router_bias_init warmup | target, router_input stream | norm (the block's pre-norm LN(x)).
           gate_form="paper", router_bias_init="warmup", router_input="stream")),

@@ -4,14 +4,15 @@ the dense model of equal compute, over seeds.
     python -m experiments.learned_vs_random --workdir=/tmp/lvr [--steps 600] [--seeds 0,1,2] \
         [--densities 0.5,0.125] [--wikitext_densities 0.5,0.125] [--methods ...] [--batch_size 32]
 
-Methods (all `configs/skiplayer.py:tiny`, 8 layers, same data, schedule and seed per row):
+Methods (all `configs/skiplayer.py:tiny`, `--num_layers` L (8), same data, schedule and seed per row):
   learned_paper     ST-Gumbel router, LtS Eq. 1/4 as written (`skip.gate_form='paper'`)
   learned_residual  ST-Gumbel router, y = x + m·g₁·(F(x) − x) (`skip.gate_form='residual'`:
                     the router's gradient is ⟨∂L/∂y, R(x)⟩, "does this layer help", issue 15 P1)
   mod               Mixture-of-Depths (Raposo et al. 2024): expert-choice top-k, C = P·T per
-                    sequence, router weight × block output, every layer routed
+                    sequence, router weight r × block output (MoD Eq. 1), every layer routed
+  mod_sigmoid       the same with σ(r) × block output (`skip.mod_weight='sigmoid'`, not in the paper)
   random            Bernoulli(P) gating (LtS "Rand")
-  dense             round(8·P) dense layers: the compute the routed models spend on average
+  dense             round(L·P) dense layers: the compute the routed models spend on average
 on the embedded synthetic task and, when `../shared/data/wikitext-2` exists, WikiText-2 (train:
 valid.txt, held out: test.txt, byte tokens), at each P, for every seed. Learned routers are
 evaluated with argmax routing (LtS's rule, logged during training: its density can drift from P,
@@ -59,11 +60,12 @@ METHODS = {
     "learned_paper": dict(router="gumbel", gate_form="paper"),
     "learned_residual": dict(router="gumbel", gate_form="residual"),
     "mod": dict(router="mod", mod_every=1),
+    "mod_sigmoid": dict(router="mod", mod_every=1, mod_weight="sigmoid"),
     "random": dict(router="random"),
     "dense": None,
 }
 LABELS = {"learned_paper": "learned, paper form", "learned_residual": "learned, residual form",
-          "mod": "MoD (top-k)", "random": "random gating", "dense": "dense, L·P layers"}
+          "mod": "MoD (top-k), r", "mod_sigmoid": "MoD (top-k), σ(r)", "random": "random gating", "dense": "dense, L·P layers"}
 
 
 def datasets(args):
@@ -94,11 +96,15 @@ def make_config(data_overrides: dict, method: str, density: float, seed: int, ar
     config.model.num_layers = max(round(config.model.num_layers * density), 1)
     config.model.skip.update(router="none", target_density=1.0, density_warmup_steps=0)
   else:  # MoD's top-k capacity ⌊P·T⌋ is static: it has no density warm-up
-    config.model.skip.update(target_density=density, density_warmup_steps=0 if method == "mod" else warmup,
+    config.model.skip.update(target_density=density, density_warmup_steps=0 if _is_mod(method) else warmup,
                              **METHODS[method])
   config.train.update(num_steps=args.steps, eval_every_steps=max(args.steps // 4, 1), progress_bar=False,
                       checkpoint_every_steps=max(args.steps // 2, 1), eval_batches=args.eval_batches)
   return config
+
+
+def _is_mod(method: str) -> bool:
+  return (METHODS[method] or {}).get("router") == "mod"
 
 
 def run(name, data_overrides, method, density, seed, args) -> dict:
@@ -152,13 +158,28 @@ its top-k gather)."""
   fns = {"dense_full": timed(models.TransformerConfig.from_dict(base.model))}
   for density in densities:
     for method in args.methods:
-      if METHODS[method] is None or method == "mod":  # MoD trains with its top-k gather whatever the dispatch
+      if METHODS[method] is None or _is_mod(method):  # MoD trains with its top-k gather whatever the dispatch
         fns[f"{method}_P{density:g}"] = timed(cfg(method, density, "masked"))
         continue
       fns[f"{method}_P{density:g}_masked"] = timed(cfg(method, density, "masked"))
       fns[f"{method}_P{density:g}_capacity"] = timed(cfg(method, density, "capacity"))
   seconds = timing.round_robin(fns, args.timing_repeats)
   return {k: {"ms": round(v * 1e3, 2), "vs_dense_full": round(v / seconds["dense_full"], 3)} for k, v in seconds.items()}
+
+
+def record(runs: dict, cell: str, method: str, final: dict, evaluate) -> None:
+  """One seed's evaluations appended to `runs[(cell, method, kind)]`: `final` (the run's logged final
+  eval: argmax routing for routers, MoD's causal rule, the dense model) and, from `evaluate(**kw)`
+  (`extra_eval` of its workdir), learned routers with sampled gates and MoD with its top-k rule."""
+  if METHODS[method] is None:
+    runs.setdefault((cell, method, "dense"), []).append(final)
+  elif _is_mod(method):  # its logged eval uses the causal rule (skip.mod_eval='causal'), as decoding does
+    runs.setdefault((cell, method, "causal"), []).append(final)
+    runs.setdefault((cell, method, "top-k"), []).append(evaluate(mod_eval="topk"))
+  else:
+    runs.setdefault((cell, method, "argmax"), []).append(final)
+    if method.startswith("learned"):
+      runs.setdefault((cell, method, "sampled"), []).append(evaluate(deterministic=False))
 
 
 def summarize(runs: dict) -> dict:
@@ -223,14 +244,9 @@ def main(argv=None):
       cell = f"{name}_P{density:g}"
       for method in args.methods:
         for seed in seeds:
-          result = run(name, overrides, method, density, seed, args)
-          runs.setdefault((cell, method, "argmax" if METHODS[method] else "dense"), []).append(result["final"])
+          final = run(name, overrides, method, density, seed, args)["final"]
           workdir = _workdir(args, name, density, method, seed)
-          if method.startswith("learned"):
-            runs.setdefault((cell, method, "sampled"), []).append(extra_eval(workdir, deterministic=False))
-          if method == "mod":  # its logged eval uses the causal rule (skip.mod_eval='causal'), as decoding does
-            runs[cell, method, "causal"] = runs.pop((cell, method, "argmax"))
-            runs.setdefault((cell, method, "top-k"), []).append(extra_eval(workdir, mod_eval="topk"))
+          record(runs, cell, method, final, functools.partial(extra_eval, workdir))
   summary = summarize(runs)
   times = step_times(sorted(all_densities), args) if args.timing_repeats else {}
 
@@ -241,7 +257,7 @@ def main(argv=None):
       kind = next(iter(by_kind))
       fields = by_kind[kind]
       depth = fields.get("eval_executed_depth", fields.get("eval_depth"))
-      x = depth["mean"] if depth else round(8 * float(cell.split("_P")[1]))
+      x = depth["mean"] if depth else max(round(args.num_layers * float(cell.split("_P")[1])), 1)
       ax.errorbar([x], [fields["eval_loss"]["mean"]], yerr=[fields["eval_loss"]["std"]], fmt="o", capsize=3,
                   label=f"{LABELS[method]} ({kind})")
     ax.set_title(cell.replace("_P", ", P = "))
@@ -251,6 +267,7 @@ def main(argv=None):
   fig.tight_layout()
   fig.savefig(os.path.join(args.workdir, "learned_vs_random.png"), dpi=120)
   result = {"steps": args.steps, "seeds": seeds, "batch_size": args.batch_size, "seq_len": args.seq_len,
+            "num_layers": args.num_layers, "d_model": args.d_model, "warmup_fraction": args.warmup_fraction,
             "summary": summary, "step_time": times,
             "runs": {"|".join(k): v for k, v in runs.items()}}
   with open(os.path.join(args.workdir, "learned_vs_random.json"), "w", encoding="utf-8") as f:

@@ -94,7 +94,8 @@ def validate_mod(m) -> None:
   """Mixture-of-Depths fields (`skip.mod_*`, skipjax/routing/mod.py): the model config's own check."""
   s = m.skip
   check_mod(m.norm, s.router, s.granularity, s.get("mod_every", 1), s.get("mod_causal", "aux_loss"),
-            s.get("mod_eval", "causal"), s.get("mod_aux_weight", 0.1), s.get("density_warmup_steps", 0),
+            s.get("mod_eval", "causal"), s.get("mod_aux_weight", 0.1), s.get("mod_weight", "linear"),
+            s.get("density_warmup_steps", 0),
             m.get("scan_layers", False), m.get("remat", False))
 
 

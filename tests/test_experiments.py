@@ -33,6 +33,21 @@ def test_learned_vs_random_smoke(tmp_path):
   assert (tmp_path / "learned_vs_random.png").stat().st_size > 0
 
 
+def test_record_keeps_every_seed_of_every_evaluation():
+  """Each seed adds one entry per evaluation kind (the MoD causal rows once kept only the last seed)."""
+  runs = {}
+  for seed in range(3):
+    for method in learned_vs_random.METHODS:
+      evaluate = lambda seed=seed, **kw: {"eval_loss": float(seed), **{k: str(v) for k, v in kw.items()}}
+      learned_vs_random.record(runs, "c", method, {"eval_loss": float(seed)}, evaluate)
+  kinds = {"learned_paper": {"argmax", "sampled"}, "learned_residual": {"argmax", "sampled"},
+           "mod": {"causal", "top-k"}, "mod_sigmoid": {"causal", "top-k"}, "random": {"argmax"}, "dense": {"dense"}}
+  assert set(runs) == {("c", m, k) for m, ks in kinds.items() for k in ks}
+  assert all([r["eval_loss"] for r in v] == [0.0, 1.0, 2.0] for v in runs.values())
+  assert {r.get("mod_eval") for r in runs["c", "mod", "top-k"]} == {"topk"}
+  assert {r.get("deterministic") for r in runs["c", "learned_paper", "sampled"]} == {"False"}
+
+
 def test_static_pruning_smoke(tmp_path):
   """experiments/static_pruning.py end to end on a tiny random model: every stage runs, the
   plan runner's NLLs equal the model's own forward (direct NLL, importance.calibration_nll), its

@@ -117,10 +117,12 @@ def test_topk_dispatch_equals_masked_reference_values_and_gradients():
 
 # -- the block ------------------------------------------------------------------------------------
 
-def test_mod_block_equals_dense_block_then_select_rope_and_padding():
-  """Routed tokens get x + r·(F(x) − x) with F the dense layer at the ORIGINAL positions (RoPE,
-  causal mask); exactly ⌊P·n⌋ real tokens per row; padding is never selected."""
-  cfg = _cfg(target_density=0.25)
+@pytest.mark.parametrize("mod_weight", ["linear", "sigmoid"])
+def test_mod_block_equals_dense_block_then_select_rope_and_padding(mod_weight):
+  """Routed tokens get x + w(r)·(F(x) − x) with F the dense layer at the ORIGINAL positions (RoPE,
+  causal mask), w(r) = r (MoD Eq. 1) or σ(r); exactly ⌊P·n⌋ real tokens per row, the top-k of r;
+  padding is never selected."""
+  cfg = _cfg(target_density=0.25, mod_weight=mod_weight)
   x = jax.random.normal(jax.random.key(1), (2, 16, 32))
   positions = jnp.broadcast_to(jnp.arange(16) + 5, (2, 16))
   kv_valid = jnp.ones((2, 16), bool).at[1, 10:].set(False)
@@ -136,7 +138,8 @@ def test_mod_block_equals_dense_block_then_select_rope_and_padding():
   dense = Block(dataclasses.replace(cfg, skip=models.SkipConfig()))
   dense_params = {k: v for k, v in params.items() if k != "mod_router"}
   f = jax.jit(lambda p: dense.apply({"params": p}, x, positions, kv_valid))(dense_params) - x
-  want = x + (m * r)[..., None] * f
+  w = r if mod_weight == "linear" else 1 / (1 + np.exp(-r))
+  want = x + (m * w)[..., None] * f
   np.testing.assert_allclose(y, want, atol=2e-5)
   np.testing.assert_array_equal(np.asarray(y)[m == 0], np.asarray(x)[m == 0])
   with pytest.raises(ValueError, match="gate_override.*matches no gate"):
@@ -245,6 +248,7 @@ def test_config_errors_name_the_field():
   validation.validate_model(config.model)
   for field, value, match in (("granularity", "block", "granularity"), ("mod_causal", "oracle", "mod_causal"),
                               ("mod_eval", "x", "mod_eval"), ("mod_every", 0, "mod_every"),
+                              ("mod_weight", "softmax", "mod_weight"),
                               ("density_warmup_steps", 10, "density_warmup_steps")):
     bad = lm.get_config("tiny")
     bad.model.skip.update(router="mod", target_density=0.5, **{field: value})

@@ -376,3 +376,14 @@ def test_resume_reads_fields_added_since_the_run_as_their_old_behaviour():
   with config.unlocked():
     config.train.early_exit.enabled = True
   assert workdir_lib.config_changes(stored, config) == [("train.early_exit.enabled", False, True)]
+
+
+def test_a_config_json_of_an_older_commit_resumes_unchanged():
+  """The tiny preset's config.json as written by commit 776335c (before routing groups and
+  Mixture-of-Depths): every field added since is read as its old behaviour, so no change is reported."""
+  stored = json.loads((pathlib.Path(__file__).parent / "data" / "lm_tiny_config_776335c.json").read_text())
+  assert "group_size" not in stored["model"]["skip"] and "mod_every" not in stored["model"]["skip"]
+  config = lm.get_config("tiny")
+  assert workdir_lib.config_changes(stored, config) == []
+  config.model.skip.mod_weight = "sigmoid"
+  assert workdir_lib.config_changes(stored, config) == [("model.skip.mod_weight", "linear", "sigmoid")]

@@ -332,11 +332,13 @@ class Block(nn.Module):
     return k == 1 or int(layer_index) % k == k - 1
 
   def _mod_scores(self, x: jnp.ndarray):
-    """(router weight r [B,T], causal-rule logits [B,T]): the logits are r itself (`mod_causal='aux_loss'`)
-    or the auxiliary predictor's (`'predictor'`, which reads the router's input through a stop-gradient)."""
+    """(router weight w(r) [B,T], causal-rule logits [B,T]): w(r) = r or σ(r) (`skip.mod_weight`; σ is
+    monotone, so top-k of w(r) is top-k of r); the logits are r itself (`mod_causal='aux_loss'`) or the
+    auxiliary predictor's (`'predictor'`, which reads the router's input through a stop-gradient)."""
+    s = self.config.skip
     u = self._router_input("layer", x)
     r = self.mod_router(u)
-    return r, (self.mod_predictor(u) if self.config.skip.mod_causal == "predictor" else r)
+    return routing.mod.output_weight(r, s.mod_weight), (self.mod_predictor(u) if s.mod_causal == "predictor" else r)
 
   def _mod_residual(self, x, positions, kv_valid, layer_index, branches) -> Callable:
     """The layer's residual f = F(x) − x (pre-LN: attention, then FFN) as a dispatch branch; K/V from every token."""

@@ -33,6 +33,7 @@ class SkipConfig:
   mod_causal: str = "aux_loss"    # decoding rule: aux_loss (BCE on r, route σ(r) > 0.5) | predictor (MLP, BCE)
   mod_aux_weight: float = 0.1     # weight of that BCE (sown into aux_loss)
   mod_eval: str = "causal"        # deterministic full forward: causal (= KV-cache decoding) | topk
+  mod_weight: str = "linear"      # what multiplies f: linear r (MoD Eq. 1) | sigmoid σ(r) (not in the paper)
   # Routing groups (LtS §2.2, skipjax/routing/groups.py): tokens per group for the FFN's dispatch,
   # a divisor of seq_len or a multiple (whole rows, never across data shards); 0: one batch row.
   group_size: int = 0
@@ -67,11 +68,13 @@ def check_gate_semantics(norm: str, router: str, granularity: str, gate_form: st
 
 
 def check_mod(norm: str, router: str, granularity: str, mod_every, mod_causal: str, mod_eval: str,
-              mod_aux_weight, density_warmup_steps: int = 0, scan_layers: bool = False, remat: bool = False) -> None:
+              mod_aux_weight, mod_weight: str = "linear", density_warmup_steps: int = 0, scan_layers: bool = False,
+              remat: bool = False) -> None:
   """One-line ValueError naming the `config.model.skip.mod_*` field the Mixture-of-Depths block cannot honour."""
   if not (isinstance(mod_every, int) and not isinstance(mod_every, bool) and mod_every >= 1):
     raise ValueError(f"config.model.skip.mod_every={mod_every!r} must be an integer >= 1")
-  for field, value, allowed in (("mod_causal", mod_causal, mod_lib.CAUSAL_RULES), ("mod_eval", mod_eval, mod_lib.EVAL_RULES)):
+  for field, value, allowed in (("mod_causal", mod_causal, mod_lib.CAUSAL_RULES), ("mod_eval", mod_eval, mod_lib.EVAL_RULES),
+                               ("mod_weight", mod_weight, mod_lib.OUTPUT_WEIGHTS)):
     if value not in allowed:
       raise ValueError(f"config.model.skip.{field}={value!r} is not one of {list(allowed)}")
   if not (isinstance(mod_aux_weight, (int, float)) and math.isfinite(mod_aux_weight) and mod_aux_weight >= 0):
@@ -295,7 +298,7 @@ class TransformerConfig:
     s = self.skip
     check_gate_semantics(self.norm, s.router, s.granularity, s.gate_form, s.router_bias_init, s.router_input)
     check_mod(self.norm, s.router, s.granularity, s.mod_every, s.mod_causal, s.mod_eval, s.mod_aux_weight,
-              s.density_warmup_steps, self.scan_layers, self.remat)
+              s.mod_weight, s.density_warmup_steps, self.scan_layers, self.remat)
     if isinstance(self.layerdrop, Mapping):
       object.__setattr__(self, "layerdrop", LayerDropConfig(**self.layerdrop))
     rates = self.layerdrop.position_rates(len(plan))  # validates the length of explicit rates

@@ -17,7 +17,8 @@ Facts of the paper used here:
     router's input through a stop-gradient and is trained with BCE to predict top-k membership;
     routed where its prediction σ(p) > 0.5. The paper reports 97–99 % accuracy for both.
 
-What is ours (not in the paper): for a padded sequence of n real tokens the row capacity is
+What is ours (not in the paper): `output_weight(r, 'sigmoid')`, σ(r) in place of r in Eq. 1 (a
+bounded multiplier; `skip.mod_weight`). For a padded sequence of n real tokens the row capacity is
 min(n, max(1, ⌊P·n⌋)) and padding is never selected (so a sequence routes the same tokens
 alone or in a padded batch); C ≥ 1 when P·T < 1.
 
@@ -36,6 +37,8 @@ from skipjax.routing.dispatch import topk_indices
 Array = jnp.ndarray
 
 CAUSAL_RULES = ("aux_loss", "predictor")
+# What multiplies the routed block's output: the router weight r itself (MoD Eq. 1) or σ(r) (ours).
+OUTPUT_WEIGHTS = ("linear", "sigmoid")
 EVAL_RULES = ("causal", "topk")
 
 
@@ -88,6 +91,12 @@ def agreement(logits: Array, targets: Array, valid: Optional[Array] = None) -> A
   hit = (causal_decision(logits) == jax.lax.stop_gradient(targets).astype(jnp.float32)).astype(jnp.float32)
   w = _token_weights(hit, valid)
   return jnp.sum(hit * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def output_weight(r: Array, kind: str = "linear") -> Array:
+  """The factor of a routed token's block output: r (MoD Eq. 1, `linear`) or σ(r) (`sigmoid`, not in
+  the paper: bounded in (0, 1), as a gate; top-k and the causal rule still read r, σ being monotone)."""
+  return jax.nn.sigmoid(r) if kind == "sigmoid" else r
 
 
 def mod_output(x: Array, residual: Array, weight: Array, mask: Array) -> Array:

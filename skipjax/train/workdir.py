@@ -36,6 +36,9 @@ ADDED_FIELDS = {
     "train.router_lr_multiplier": 1.0,
     "model.ffn.expansion": 0, "model.ffn.tied": False, "model.ffn.block_sparsity_weight": 0.0,
     "model.ffn.block_size": 64, "model.ffn.exempt": 0,
+    "model.skip.group_size": 0, "model.skip.mod_every": 1, "model.skip.mod_causal": "aux_loss",
+    "model.skip.mod_aux_weight": 0.1, "model.skip.mod_eval": "causal", "model.skip.mod_weight": "linear",
+    "model.skip.density_warmup_steps": 0, "model.oracle_threshold": 0.0, "init_from": "", "train.trainable": "",
 }
 
 

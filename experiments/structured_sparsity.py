@@ -148,6 +148,17 @@ def _profile(workdir: str, step: int):
   return numbers, arrays
 
 
+def heavy_hitters(frequency: np.ndarray, exempt: int) -> dict:
+  """Per-neuron frequencies [L, F] → the most frequently active neuron of each layer (SS §3.1, Fig. 2:
+  tied layers share it) and, with E exempt neurons, the share of each layer's E most frequent neurons
+  that are exempt (SS §3.2, Fig. 5: the exemption concentrates the heavy hitters; chance: E/F)."""
+  out = {"most_frequent_neuron": [int(i) for i in frequency.argmax(axis=1)]}
+  if exempt:
+    top = np.argsort(-frequency, axis=1, kind="stable")[:, :exempt]
+    out["heavy_hitters_exempt"] = float((top < exempt).mean())
+  return out
+
+
 def run(dataset: str, preset: str, cell: str, args):
   """Train (or reuse) one cell and profile its final checkpoint → (row, arrays)."""
   workdir = os.path.join(args.workdir, f"{dataset}_{cell}")
@@ -173,7 +184,7 @@ def run(dataset: str, preset: str, cell: str, args):
          "dice_mean_between_layers": prof["dice_mean_between_layers"],
          "jaccard_mean_between_layers": prof["jaccard_mean_between_layers"],
          "profile_tokens": prof["tokens"], "profile_perplexity": prof["profile_perplexity"],
-         "neurons": prof["neurons"]}
+         "neurons": prof["neurons"], **heavy_hitters(arrays["frequency"], int(m.ffn.exempt))}
   print(f"{dataset} {cell}: val PPL {row['val_ppl']:.3f}, params {num_params}, sparsity {row['sparsity']:.4f}, "
         f"block sparsity {row['block_sparsity']:.4f}", flush=True)
   return row, arrays
@@ -212,7 +223,8 @@ def tables(rows: list, wanted=(1, 2, 3)) -> str:
         out.append(f"| {'✓' if r['tied'] else '×'} | {r['expansion']} | {r['val_ppl']:.3f} | {r['num_params']:,} | "
                    f"{r['sparsity']:.4f} | {r['block_sparsity']:.4f} | {dice} | "
                    f"{_ss(c, 0)} / {SS_PARAMS[c]} / {_ss(c, 1)} |")
-      out.append("")
+      out += ["", "Most frequently active neuron of layers 1…L (SS Fig. 2: tied layers share it): " + "; ".join(
+          f"{c}: {by[c]['most_frequent_neuron']}" for c in t2), ""]
     t3 = [c for c in ss_config.TABLES[3] if c in by and 3 in wanted]
     if t3:
       out += ["Table 3 (SS §3.2): block-sparsity regulariser (Eq. 3); E = exempt neurons (SS's E of 3072 scaled to "
@@ -226,6 +238,11 @@ def tables(rows: list, wanted=(1, 2, 3)) -> str:
         ex = "N/A" if not lam else f"{r['exempt']} ({r['exempt_ss']})"
         out.append(f"| {shown} | {ex} | {r['val_ppl']:.3f} | {r['sparsity']:.4f} | {r['block_sparsity']:.4f} | "
                    f"{_ss(c, 0)} / {_ss(c, 1)} / {_ss(c, 2)} |")
+      exempt = [c for c in t3 if "heavy_hitters_exempt" in by[c]]
+      if exempt:
+        out += ["", "Share of each layer's E most frequent neurons that are the E exempt ones (SS Fig. 5; chance E/F·D): "
+                + "; ".join(f"{c}: {by[c]['heavy_hitters_exempt']:.2f} (chance {by[c]['exempt'] / by[c]['d_ff']:.2f})"
+                            for c in exempt)]
       out.append("")
   return "\n".join(out) + "\n"
 

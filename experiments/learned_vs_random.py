@@ -65,7 +65,8 @@ METHODS = {
     "dense": None,
 }
 LABELS = {"learned_paper": "learned, paper form", "learned_residual": "learned, residual form",
-          "mod": "MoD (top-k), r", "mod_sigmoid": "MoD (top-k), σ(r)", "random": "random gating", "dense": "dense, L·P layers"}
+          "mod": "MoD (top-k), r", "mod_sigmoid": "MoD (top-k), σ(r)", "random": "random gating",
+          "dense": "dense, L·P layers"}
 
 
 def datasets(args):

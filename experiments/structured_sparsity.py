@@ -240,9 +240,10 @@ def tables(rows: list, wanted=(1, 2, 3)) -> str:
                    f"{_ss(c, 0)} / {_ss(c, 1)} / {_ss(c, 2)} |")
       exempt = [c for c in t3 if "heavy_hitters_exempt" in by[c]]
       if exempt:
-        out += ["", "Share of each layer's E most frequent neurons that are the E exempt ones (SS Fig. 5; chance E/F·D): "
-                + "; ".join(f"{c}: {by[c]['heavy_hitters_exempt']:.2f} (chance {by[c]['exempt'] / by[c]['d_ff']:.2f})"
-                            for c in exempt)]
+        shares = "; ".join(f"{c}: {by[c]['heavy_hitters_exempt']:.2f} (chance {by[c]['exempt'] / by[c]['d_ff']:.2f})"
+                           for c in exempt)
+        out += ["", f"Share of each layer's E most frequent neurons that are the E exempt ones (SS Fig. 5; "
+                f"chance E/F·D): {shares}"]
       out.append("")
   return "\n".join(out) + "\n"
 

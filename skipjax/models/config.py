@@ -73,8 +73,9 @@ def check_mod(norm: str, router: str, granularity: str, mod_every, mod_causal: s
   """One-line ValueError naming the `config.model.skip.mod_*` field the Mixture-of-Depths block cannot honour."""
   if not (isinstance(mod_every, int) and not isinstance(mod_every, bool) and mod_every >= 1):
     raise ValueError(f"config.model.skip.mod_every={mod_every!r} must be an integer >= 1")
-  for field, value, allowed in (("mod_causal", mod_causal, mod_lib.CAUSAL_RULES), ("mod_eval", mod_eval, mod_lib.EVAL_RULES),
-                               ("mod_weight", mod_weight, mod_lib.OUTPUT_WEIGHTS)):
+  for field, value, allowed in (("mod_causal", mod_causal, mod_lib.CAUSAL_RULES),
+                                ("mod_eval", mod_eval, mod_lib.EVAL_RULES),
+                                ("mod_weight", mod_weight, mod_lib.OUTPUT_WEIGHTS)):
     if value not in allowed:
       raise ValueError(f"config.model.skip.{field}={value!r} is not one of {list(allowed)}")
   if not (isinstance(mod_aux_weight, (int, float)) and math.isfinite(mod_aux_weight) and mod_aux_weight >= 0):

@@ -29,7 +29,7 @@ def test_learned_vs_random_smoke(tmp_path):
   times = learned_vs_random.step_times([0.25], args)
   assert set(times) == {"dense_full", "mod_P0.25"} and times["dense_full"]["vs_dense_full"] == 1.0
   assert all(t["ms"] > 0 for t in times.values())
-  assert "| synthetic_P0.25 | MoD (top-k) | causal |" in (tmp_path / "learned_vs_random.md").read_text()
+  assert "| synthetic_P0.25 | MoD (top-k), r | causal |" in (tmp_path / "learned_vs_random.md").read_text()
   assert (tmp_path / "learned_vs_random.png").stat().st_size > 0
 
 

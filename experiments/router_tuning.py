@@ -61,7 +61,6 @@ import shutil
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -82,28 +81,10 @@ ROUTER_OPTIONS = ("gate_form", "router_input", "router_bias_init")
 
 # -- model, data, training ---------------------------------------------------------------------
 
-def _tiny_model(workdir: str, valid: str, num_layers: int):
-  """static_pruning's tiny random Llama-like decoder (RMSNorm, RoPE, SwiGLU, GQA; a 320-id BPE
-  trained on `valid`) with `num_layers` layers, saved once as an export with its tokenizer.json."""
-  from skipjax.convert import export  # pylint: disable=import-outside-toplevel
-  from skipjax.data import text, tokenizer  # pylint: disable=import-outside-toplevel
-  out = os.path.join(workdir, f"tiny_model_{num_layers}l")
-  if not os.path.exists(os.path.join(out, "config.json")):
-    tok = tokenizer.BpeTokenizer.train([r.text for r in text.read_text_records(valid)], 320)
-    cfg = models.TransformerConfig(vocab_size=320, d_model=32, num_heads=4, num_kv_heads=2, num_layers=num_layers,
-                                   d_ff=64, activation="silu", mlp_gated=True, position="rope", norm_type="rmsnorm",
-                                   use_bias=False, tie_embeddings=True, max_len=256)
-    params = models.build(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
-    export.save(out, cfg, jax.device_get(nn.meta.unbox(params)), extra={"tokenizer.json": json.loads(tok.to_str())})
-  cfg, params = export.restore(out)
-  with open(os.path.join(out, "tokenizer.json")) as f:
-    return cfg, params, json.load(f), out
-
-
 def load_source(args):
   """(cfg, params, tokenizer.json dict, init_from path) of the frozen model."""
   if args.model == "tiny":
-    cfg, params, tok_json, path = _tiny_model(args.workdir, os.path.join(args.data_dir, "valid.txt"), args.tiny_layers)
+    cfg, params, tok_json, path = sp.tiny_model(args.workdir, os.path.join(args.data_dir, "valid.txt"), args.tiny_layers)
   else:
     cfg, params, tok_json, path = sp.load_model(args.model, args.workdir, args.data_dir)
   return importance.measuring_config(cfg), importance.loop_params(params), tok_json, path
@@ -670,10 +651,7 @@ def parse_args(argv=None):
   parser.add_argument("--machine", default="2-core CPU shared with other jobs")
   parser.add_argument("--copy_figure", default="", help="copy the figure here as router_tuning_<model>.png")
   args = parser.parse_args(argv)
-  args.measures = [m for m in args.measures.split(",") if m]
-  bad = [m for m in args.measures if m not in sp.MEASURES]
-  if bad:
-    parser.error(f"--measures: {bad[0]!r} is not one of {sp.MEASURES}")
+  args.measures = sp.parse_measures(parser, args.measures)
   args.densities = [float(d) for d in args.densities.split(",") if d]
   if not args.densities or any(not 0 < d <= 1 for d in args.densities):
     parser.error(f"--densities={args.densities!r}: each P must be in (0, 1]")

@@ -56,16 +56,16 @@ MODEL_NAMES = {"smollm2": "SmolLM2-135M-Instruct (Q4_1 GGUF)", "qwen05b": "Qwen2
 
 # -- model and data ----------------------------------------------------------------------------
 
-def _tiny_model(workdir: str, valid: str):
-  """A random 4-layer Llama-like decoder (RMSNorm, RoPE, SwiGLU, GQA) and a 320-id BPE trained on
-  `valid`, saved once as an export with its tokenizer.json."""
+def tiny_model(workdir: str, valid: str, num_layers: int = 4):
+  """A random `num_layers`-layer Llama-like decoder (RMSNorm, RoPE, SwiGLU, GQA) and a 320-id BPE
+  trained on `valid`, saved once as an export `<workdir>/tiny_model_<L>l` with its tokenizer.json."""
   from skipjax.convert import export  # pylint: disable=import-outside-toplevel
   from skipjax.data import text, tokenizer  # pylint: disable=import-outside-toplevel
-  out = os.path.join(workdir, "tiny_model")
+  out = os.path.join(workdir, f"tiny_model_{num_layers}l")
   if not os.path.exists(os.path.join(out, "config.json")):
     tok = tokenizer.BpeTokenizer.train([r.text for r in text.read_text_records(valid)], 320)
-    cfg = models.TransformerConfig(vocab_size=320, d_model=32, num_heads=4, num_kv_heads=2, num_layers=4, d_ff=64,
-                                   activation="silu", mlp_gated=True, position="rope", norm_type="rmsnorm",
+    cfg = models.TransformerConfig(vocab_size=320, d_model=32, num_heads=4, num_kv_heads=2, num_layers=num_layers,
+                                   d_ff=64, activation="silu", mlp_gated=True, position="rope", norm_type="rmsnorm",
                                    use_bias=False, tie_embeddings=True, max_len=256)
     params = models.build(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
     export.save(out, cfg, jax.device_get(nn.meta.unbox(params)), extra={"tokenizer.json": json.loads(tok.to_str())})
@@ -77,7 +77,7 @@ def _tiny_model(workdir: str, valid: str):
 def load_model(key: str, workdir: str, data_dir: str):
   """(cfg, params, tokenizer.json dict, source path) of a study key."""
   if key == "tiny":
-    return _tiny_model(workdir, os.path.join(data_dir, "valid.txt"))
+    return tiny_model(workdir, os.path.join(data_dir, "valid.txt"))
   from experiments import residual_ratio_real  # pylint: disable=import-outside-toplevel
   from skipjax.convert import gguf, hf  # pylint: disable=import-outside-toplevel
   path = residual_ratio_real.model_source({"smollm2": "smollm2", "qwen05b": "qwen0.5b"}[key], workdir)
@@ -699,16 +699,22 @@ def parse_args(argv=None):
   parser.add_argument("--machine", default="2-core CPU shared with other jobs")
   parser.add_argument("--copy_figures", default="", help="copy the figures here as static_pruning_<model>_*.png")
   args = parser.parse_args(argv)
-  args.measures = [m for m in args.measures.split(",") if m]
-  bad = [m for m in args.measures if m not in MEASURES]
-  if bad:
-    parser.error(f"--measures: {bad[0]!r} is not one of {MEASURES}")
+  args.measures = parse_measures(parser, args.measures)
   try:
     args.heal = [(m, int(steps)) for m, steps in (item.split(":") for item in args.heal.split(",") if item)]
   except ValueError:
     parser.error(f"--heal={args.heal!r} is not MEASURE:STEPS,...")
   args.fractions = [float(f) for f in args.fractions.split(",")]
   return args
+
+
+def parse_measures(parser: argparse.ArgumentParser, text: str) -> List[str]:
+  """`--measures` as a list of MEASURES; an unknown one is a one-line parser error."""
+  measures = [m for m in text.split(",") if m]
+  bad = [m for m in measures if m not in MEASURES]
+  if bad:
+    parser.error(f"--measures: {bad[0]!r} is not one of {MEASURES}")
+  return measures
 
 
 def main(argv=None):

@@ -75,8 +75,8 @@ def test_static_pruning_smoke(tmp_path):
   assert "| sleb |" in (work / "results.md").read_text()
 
   # Independent reference: the model's own forward on the same packed test tokens, NLL in numpy.
-  cfg, params = export.restore(str(work / "tiny_model"))
-  tok = inputs.tokenizer_for(str(work / "tiny_model"), cfg.vocab_size)
+  cfg, params = export.restore(str(work / "tiny_model_4l"))
+  tok = inputs.tokenizer_for(str(work / "tiny_model_4l"), cfg.vocab_size)
   test = inputs.text_batch(f"text:{data / 'test.txt'}", tok, 32, 4, encoder=False)
   calib = inputs.text_batch(f"text:{data / 'valid.txt'}", tok, 32, 4, encoder=False)
   logits = np.asarray(models.build(cfg).apply({"params": params}, test["inputs"]), np.float64)

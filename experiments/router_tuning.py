@@ -70,6 +70,7 @@ from skipjax import models
 from skipjax.depth import importance
 from skipjax.depth import plan as plan_lib
 from skipjax.depth import prune as prune_lib
+from skipjax.depth import runner as runner_lib
 from skipjax.layers import make_norm
 from skipjax.models.block import Block
 from skipjax.profile import applied
@@ -193,7 +194,7 @@ class RoutedEval:
 
 
 class BlockRunner:
-  """Embedding and head of `static_pruning.PlanRunner`, plus per-layer jitted Block calls for
+  """Embedding and head of `skipjax.depth.runner.PlanRunner`, plus per-layer jitted Block calls for
   (i) the applied oracle at a threshold (the Block's own `oracle_threshold` gate) and (ii) the
   routed layer re-walked with a threshold τ on the router's probability. One compile per block
   function serves all 30 layers, so a threshold search costs no full-model compile."""
@@ -205,7 +206,7 @@ class BlockRunner:
     self.params = importance.loop_params(params)
     dense_params = {k: ({n: w for n, w in v.items() if "router" not in n} if k.startswith("block_") else v)
                     for k, v in self.params.items()}
-    self.plan = sp.PlanRunner(self.dense_cfg, dense_params)
+    self.plan = runner_lib.PlanRunner(self.dense_cfg, dense_params)
     self._oracle = {}
     self._walk = None
 
@@ -294,7 +295,7 @@ class Static:
   """Importance scores of experiments/static_pruning.py (saved in `--static_dir`, else computed
   here) and the test NLL of their plans (cached; seeded from the saved plan NLLs)."""
 
-  def __init__(self, args, cfg, params, runner: sp.PlanRunner, stages: sp.Stages, test, tag: str, calib):
+  def __init__(self, args, cfg, params, runner: runner_lib.PlanRunner, stages: sp.Stages, test, tag: str, calib):
     self.cfg, self.params, self.runner, self.calib, self.L = cfg, params, runner, calib, cfg.num_layers
     self.scores: Dict[str, Dict[str, Any]] = {}
     saved = os.path.join(args.static_dir, "stages") if args.static_dir else ""
@@ -304,8 +305,8 @@ class Static:
         with open(path) as f:
           self.scores[m] = json.load(f)
       else:
-        counts = sp.removal_counts(self.L, args.fractions)
-        self.scores[m] = stages.get(f"scores_{m}", lambda m=m: sp.scores_stage(
+        counts = runner_lib.removal_counts(self.L, args.fractions)
+        self.scores[m] = stages.get(f"scores_{m}", lambda m=m: runner_lib.scores_stage(
             m, cfg, params, runner, calib, counts, stages.path("sleb_progress"), args.sleb_steps))
     self.evals = sp.PlanEvals(runner, test, stages.path(f"evals_{tag}"))
     seed = os.path.join(saved, f"evals_{tag}.json")
@@ -525,7 +526,7 @@ def run(args) -> Dict[str, Any]:
   if args.search_sequences:
     probe = [{k: v[:args.search_sequences] for k, v in test[0].items()}]
   tag = f"{args.test_sequences}x{args.test_len}"
-  runner = sp.PlanRunner(cfg, params)
+  runner = runner_lib.PlanRunner(cfg, params)
   wall = {"load": time.time() - t_start}
 
   full = dict(stages.get(f"full_{tag}", lambda: {"nll": runner.nll("", test)}))

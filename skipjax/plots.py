@@ -409,3 +409,50 @@ def cats_cost(dense: dict, rows, path: str, title: str = None) -> str:
   if title:
     ax.set_title(_wrapped(title, fig), fontsize=8)
   return _save(fig, path)
+
+
+def depth_pareto(curves: dict, families: dict, full: dict, path: str, panels, title: str,
+                 xmax: float = None) -> str:
+  """The depth bench's Pareto figure: one curve per method ({method: [point]}), coloured by family
+  ({method: family}); each panel (x key, x label, y key, y label, log y) plots every point that
+  has both values; the full model is a star. `xmax`: the x axis ends there, and the methods with
+  points beyond it are named under the figure with their x range."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels) + 2, 6))
+  axes = np.atleast_1d(axes)
+  maps = ("Blues", "Greens", "Oranges", "Purples", "Reds", "Greys", "YlOrBr", "PuRd", "BuGn", "copper")
+  order = sorted(set(families.values()))
+  markers = "os^vD<>ph"
+  for fam in order:
+    members = sorted(m for m in curves if families[m] == fam)
+    cmap = plt.get_cmap(maps[order.index(fam) % len(maps)])
+    for k, method in enumerate(members):
+      color = cmap(0.45 + 0.5 * k / max(len(members) - 1, 1)) if len(members) > 1 else cmap(0.75)
+      for ax, (x, _, y, _, _) in zip(axes, panels):
+        pts = [p for p in curves[method] if p.get(x) is not None and p.get(y) is not None]  # knob order
+        if pts:
+          ax.plot([p[x] for p in pts], [p[y] for p in pts], marker=markers[k % len(markers)], ms=4, lw=1.2,
+                  color=color, label=method)
+  for ax, (x, xlabel, y, ylabel, log) in zip(axes, panels):
+    ax.plot([full[x]], [full[y]], "k*", ms=14, label="full model", zorder=5)
+    if xmax is not None:
+      ax.set_xlim(right=xmax)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if log:
+      ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+  handles = {}
+  for ax in axes:
+    for h, lab in zip(*ax.get_legend_handles_labels()):
+      handles.setdefault(lab, h)
+  axes[-1].legend(handles.values(), handles.keys(), fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+  if xmax is not None:
+    x = panels[0][0]
+    beyond = {m: [p[x] for p in pts if p.get(x) is not None] for m, pts in curves.items()}
+    beyond = {m: v for m, v in beyond.items() if v and max(v) > xmax}
+    if beyond:
+      fig.text(0.01, 0.005, "off the axis: " + "; ".join(f"{m} at {min(v):.2f}–{max(v):.2f}"
+                                                          for m, v in sorted(beyond.items())), fontsize=8)
+  fig.suptitle(_wrapped(title, fig, 10), fontsize=10)
+  return _save(fig, path)

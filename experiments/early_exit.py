@@ -70,6 +70,7 @@ from skipjax.decode import speculative
 from skipjax.depth import exit_heads as heads_lib
 from skipjax.depth import exits
 from skipjax.depth import plan as plan_lib
+from skipjax.depthbench import setup as depthbench_setup
 from skipjax.models import layout
 from skipjax.routing import exit as exit_lib
 
@@ -364,11 +365,7 @@ def head_accuracy(stats, allowed) -> List[Dict[str, float]]:
 
 def decode_model(cfg: models.TransformerConfig, need: int):
   """The model with a cache of `need` slots (learned position tables keep their size)."""
-  if cfg.position == "learned":
-    if need > cfg.max_len:
-      raise ValueError(f"--prompt_len + --new_tokens (+ draft) = {need} > config.model.max_len={cfg.max_len}")
-    return models.build(cfg)
-  return models.build(dataclasses.replace(cfg, max_len=need))
+  return models.build(depthbench_setup.decode_config(cfg, need, "--prompt_len + --new_tokens (+ draft)"))
 
 
 def agreement(generated: np.ndarray, reference: np.ndarray) -> Dict[str, float]:

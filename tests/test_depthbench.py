@@ -157,3 +157,23 @@ def test_healed_points_and_their_control(bench):
   np.testing.assert_allclose(res["healed_bi"][1]["nll"],
                              importance.calibration_nll(cfg, params, _eval_batches(config, _base(workdir)[2])),
                              rtol=1e-5)
+
+
+def test_agreement_is_top1_against_the_full_models_greedy_continuation(bench):
+  """Recomputed without the bench: greedy continuation by plain full forwards (no KV cache), then
+  the plan model's argmax at each continuation position given the full model's prefix."""
+  workdir, config, res = bench
+  cfg, params, source = _base(workdir)
+  d = config.data
+  prompts = np.concatenate([b["inputs"] for b in prune_lib.calibration(source, "synthetic", d.prompt_len, d.prompts,
+                                                                        d.batch_size, seed=2)])[:, :d.prompt_len]
+  full = models.build(cfg)
+  seq = prompts
+  for _ in range(d.new_tokens):
+    nxt = np.asarray(full.apply({"params": params}, seq))[:, -1].argmax(-1)
+    seq = np.concatenate([seq, nxt[:, None].astype(np.int32)], 1)
+  for p in (res["full"], res["families"]["static"]["methods"]["static_sleb"][-1]):
+    planned = models.build(importance.with_plan(cfg, plan_lib.parse(p.get("plan", ""), cfg.num_layers)))
+    top = np.asarray(planned.apply({"params": params}, seq[:, :-1])).argmax(-1)     # [N, Tp + Tn - 1]
+    expected = (top[:, d.prompt_len - 1:] == seq[:, d.prompt_len:]).mean()
+    np.testing.assert_allclose(p["agreement"], expected, rtol=1e-6)

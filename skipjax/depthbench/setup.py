@@ -103,11 +103,13 @@ def _split(rows: Batch, batch_size: int) -> List[Batch]:
   return [{k: v[i:i + batch_size] for k, v in rows.items()} for i in range(0, n, batch_size)]
 
 
-def decode_config(cfg: models.TransformerConfig, need: int) -> models.TransformerConfig:
-  """`cfg` with a KV cache of `need` slots (a learned position table keeps its size)."""
+def decode_config(cfg: models.TransformerConfig, need: int,
+                  field: str = "config.data.prompt_len + new_tokens (+ drafts)") -> models.TransformerConfig:
+  """`cfg` with a KV cache of `need` slots (a learned position table keeps its size); `field` names
+  what asked for them in the error."""
   if cfg.position == "learned":
     if need > cfg.max_len:
-      raise ValueError(f"config.data.prompt_len + new_tokens (+ drafts) = {need} > the model's max_len {cfg.max_len}")
+      raise ValueError(f"{field} = {need} > config.model.max_len={cfg.max_len}")
     return cfg
   return dataclasses.replace(cfg, max_len=need)
 
